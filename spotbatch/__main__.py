@@ -1,0 +1,3 @@
+from spotbatch.cli import main
+
+main()

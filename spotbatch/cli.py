@@ -1,0 +1,206 @@
+"""The ``spotbatch`` command. Each verb is a thin shell over a module."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from kafka import KafkaProducer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from spotbatch.config import ConfigError, load_settings
+from spotbatch.errors import JobError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference on spot GPUs, fed by Kafka.")
+err = Console(stderr=True)
+out = Console()
+
+BootstrapOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP].")
+ConfigOpt = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG].")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[red]error:[/red] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _settings(config: Optional[Path], **flags):
+    try:
+        return load_settings(config, **flags)
+    except ConfigError as exc:
+        _fail(str(exc))
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
+    logging.getLogger("kafka").setLevel(logging.WARNING)
+
+
+@app.command()
+def worker(
+    bootstrap: Optional[str] = BootstrapOpt,
+    topic: Optional[str] = typer.Option(None, help="Jobs topic [env SPOTBATCH_TOPIC]."),
+    group: Optional[str] = typer.Option(None, help="Consumer group [env SPOTBATCH_GROUP]."),
+    model: Optional[str] = typer.Option(None, help="Model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH."),
+    output: Optional[str] = typer.Option(None, help="Output prefix: a folder or s3://bucket/prefix."),
+    max_batch_rows: Optional[int] = typer.Option(None, help="Close a batch at this many rows."),
+    max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16."),
+    torch_threads: Optional[int] = typer.Option(None, help="torch.set_num_threads for CPU inference."),
+    session_timeout_ms: Optional[int] = typer.Option(None, help="Kafka group session timeout."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve /metrics and /healthz here (0 = off)."),
+    drain_s: Optional[float] = typer.Option(None, help="Seconds to drain after SIGTERM before leaving the group."),
+    burst: bool = typer.Option(False, "--burst", help="Exit 0 once caught up with the log end."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Consume jobs, batch rows across jobs, infer, write Parquet, commit."""
+    settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic, group=group, model=model, output=output,
+                         max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, device=device, precision=precision,
+                         torch_threads=torch_threads, session_timeout_ms=session_timeout_ms,
+                         metrics_port=metrics_port, drain_s=drain_s)
+    _logging()
+    from spotbatch.workers import run_worker  # torch import stays off the other verbs' path
+
+    try:
+        run_worker(settings, burst=burst)
+    except (JobError, ValueError) as exc:  # bad --model / --device / --output: the operator's to fix
+        _fail(str(exc))
+
+
+@app.command()
+def publish(
+    file: str = typer.Argument(..., help="JSONL or Parquet rows (local path or s3://), or job JSON lines with --raw."),
+    topic: Optional[str] = typer.Option(None, help="Jobs topic [env SPOTBATCH_TOPIC]."),
+    bootstrap: Optional[str] = BootstrapOpt,
+    model: Optional[str] = typer.Option(None, help="Model the jobs ask for [env SPOTBATCH_MODEL]."),
+    rows_per_job: int = typer.Option(100, min=1, help="Rows per job."),
+    input_column: Optional[str] = typer.Option(None, help="Row key holding the model input (default: the model's)."),
+    job_prefix: Optional[str] = typer.Option(None, help="Job ids are PREFIX-000000...; default: the file name."),
+    output: Optional[str] = typer.Option(None, help="Output prefix for these jobs (must lie under the workers')."),
+    raw: bool = typer.Option(False, "--raw", help="FILE holds one job JSON per line; send them as they are."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Publish rows as jobs (or raw job JSON lines) to the jobs topic."""
+    from spotbatch import publish as pub
+
+    settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic, model=model)
+    try:
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, request_timeout_ms=30_000)
+    except Exception as exc:  # noqa: BLE001 - any connect failure gets the same fix
+        _fail(f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}); pass --bootstrap HOST:PORT")
+    progress = Progress(TextColumn("publishing"), BarColumn(), TextColumn("{task.completed} jobs"),
+                        TextColumn("{task.fields[rows]} rows"), TimeElapsedColumn(), console=err, disable=as_json)
+    try:
+        with progress:
+            task = progress.add_task("publish", total=None, rows=0)
+            tick = lambda jobs, rows: progress.update(task, completed=jobs, rows=rows)  # noqa: E731
+            if raw:
+                report = pub.publish_raw(producer, settings.topic, _lines(file), tick)
+            else:
+                jobs = pub.rows_to_jobs(_rows(file), model=settings.model, input_column=input_column or _input_column(settings.model),
+                                        rows_per_job=rows_per_job, prefix=job_prefix or pub.job_prefix_for(file), output=output)
+                report = pub.publish_jobs(producer, settings.topic, jobs, tick)
+    except (pub.PublishError, JobError, FileNotFoundError) as exc:
+        _fail(f"{exc} (jobs sent before this error keep their ids; fix the input and publish again)")
+    finally:
+        producer.close()
+    summary = {"topic": settings.topic, "jobs": report.jobs, "rows": report.rows, "failed": report.failed}
+    if as_json:
+        out.print_json(json.dumps(summary))
+    else:
+        out.print(f"published {report.jobs} jobs ({report.rows} rows) to {settings.topic}; failed sends: {report.failed}")
+    for line in report.errors[:10]:
+        err.print(f"[red]send failed:[/red] {line}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+def _rows(file: str):
+    from spotbatch.inputs import iter_rows
+
+    return iter_rows(file)
+
+
+def _lines(file: str):
+    from spotbatch.storage import store_for
+
+    return store_for(file).read_bytes(file).splitlines()
+
+
+def _input_column(model: str) -> str:
+    from spotbatch.models import get_handler
+
+    return get_handler(model).input_column
+
+
+@app.command()
+def demo(
+    bootstrap: Optional[str] = BootstrapOpt,
+    model: str = typer.Option("minilm", help="Model for the demo jobs."),
+    rows: int = typer.Option(2000, min=1, help="Rows in the generated corpus."),
+    rows_per_job: int = typer.Option(25, min=1, help="Rows per job."),
+    workers: int = typer.Option(2, min=1, help="Worker processes in the consumer group."),
+    partitions: int = typer.Option(4, min=1, help="Partitions of the demo jobs topic."),
+    output: str = typer.Option("./spotbatch-demo-output", help="Output folder (emptied first)."),
+    timeout_s: float = typer.Option(300.0, help="Give up after this long."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+) -> None:
+    """Run the whole loop on this machine: broker, workers, jobs, Parquet outputs."""
+    from spotbatch.demo import DemoOptions, run_demo, summary_json
+
+    opts = DemoOptions(bootstrap=bootstrap, model=model, rows=rows, rows_per_job=rows_per_job, workers=workers,
+                       partitions=partitions, output=output, timeout_s=timeout_s)
+    jobs_total = -(-rows // rows_per_job)
+    progress = Progress(TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rows]} rows"),
+                        TextColumn("{task.fields[rate]} rows/s"), TextColumn("failed {task.fields[failed]}"),
+                        TimeElapsedColumn(), console=err, disable=as_json)
+    try:
+        with progress:
+            task = progress.add_task("demo", total=jobs_total, rows=0, rate="-", failed=0)
+            started = [None]
+
+            def tick(jobs: int, done_rows: int, failed: int) -> None:
+                import time
+
+                started[0] = started[0] or time.monotonic()
+                rate = done_rows / max(1e-6, time.monotonic() - started[0])
+                progress.update(task, completed=jobs, rows=done_rows, failed=failed, rate=f"{rate:.0f}")
+
+            summary = run_demo(opts, tick, log=(lambda _m: None) if as_json else (lambda m: err.print(m, highlight=False)))
+    except (TimeoutError, RuntimeError) as exc:
+        _fail(str(exc), code=1)
+    if as_json:
+        print(summary_json(summary))
+    else:
+        _print_summary(summary)
+    raise typer.Exit(0 if summary.failed == 0 else 1)
+
+
+def _print_summary(summary) -> None:
+    table = Table(title="spotbatch demo", show_header=False)
+    for key, value in vars(summary).items():
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+@app.command()
+def broker(port: Optional[int] = typer.Option(None, help="Port to listen on (default: a free one).")) -> None:
+    """Run the embedded Kafka-compatible broker (Tansu, in memory) until Ctrl-C."""
+    from spotbatch.embedded import serve_forever
+
+    raise typer.Exit(serve_forever(port))
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

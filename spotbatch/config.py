@@ -1,0 +1,96 @@
+"""Settings: CLI flags > env ``SPOTBATCH_*`` > a YAML file > defaults.
+
+The YAML file is named by ``--config`` or env ``SPOTBATCH_CONFIG``; its keys are the
+field names below, and an unknown key is an error (a typo must not silently fall back
+to a default). Units are in the names.
+"""
+
+from __future__ import annotations
+
+import os
+from contextvars import ContextVar
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+__all__ = ["Settings", "load_settings", "ConfigError"]
+
+_yaml_path: ContextVar[str | None] = ContextVar("spotbatch_yaml_path", default=None)
+
+
+class ConfigError(ValueError):
+    """Bad settings; the message is one line that names the key and the fix."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SPOTBATCH_", extra="forbid")
+
+    # Kafka
+    kafka_bootstrap: str = "127.0.0.1:9092"
+    topic: str = "spotbatch.jobs"
+    group: str = "spotbatch-workers"
+    # Tansu joins a group in about session_timeout/2; 10 s is Kafka's classic default.
+    session_timeout_ms: int = Field(10_000, ge=1_000)
+    max_poll_interval_ms: int = Field(300_000, ge=10_000)
+    # Must exceed the largest job message (FACTS: a smaller one stalls the partition).
+    max_partition_fetch_bytes: int = Field(16 * 1024 * 1024, ge=1024 * 1024)
+
+    # Model and batching
+    model: str = "minilm"
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    torch_threads: int | None = Field(None, ge=1)
+    max_batch_rows: int = Field(64, ge=1)
+    max_wait_ms: int = Field(50, ge=0)
+    # Rows accepted but not yet inferred; above this the worker pauses its partitions.
+    max_pending_rows: int = Field(512, ge=1)
+
+    # Outputs: jobs may only write under this prefix (local folder or s3://bucket/prefix).
+    output: str = "./spotbatch-output"
+
+    # Operations
+    metrics_port: int = Field(0, ge=0, le=65535)
+    drain_s: float = Field(20.0, gt=0)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        path = _yaml_path.get() or os.environ.get("SPOTBATCH_CONFIG")
+        if path:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
+        return tuple(sources)
+
+
+def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:
+    """Build settings; ``flags`` set to None are "not given" and fall through."""
+    if config is not None and not Path(config).is_file():
+        raise ConfigError(f"config file {config} does not exist; pass an existing YAML file to --config")
+    token = _yaml_path.set(str(config) if config is not None else None)
+    try:
+        return Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        raise ConfigError(_one_line(exc)) from None
+    finally:
+        _yaml_path.reset(token)
+
+
+def _one_line(exc: ValidationError) -> str:
+    err = exc.errors()[0]
+    key = ".".join(str(p) for p in err["loc"]) or "<settings>"
+    if err["type"] == "extra_forbidden":
+        return f"unknown setting {key!r}; valid keys: {', '.join(sorted(Settings.model_fields))}"
+    return f"setting {key!r}: {err['msg']} (flag --{key.replace('_', '-')} or env SPOTBATCH_{key.upper()})"

@@ -1,0 +1,116 @@
+"""The job message: a versioned JSON object published to the jobs topic.
+
+Version 1::
+
+    {"version": 1, "job_id": "docs-000001", "model": "minilm",
+     "inputs": {"rows": [{"id": "a1", "text": "hello"}]},
+     "output": "s3://bucket/runs/7/",            # optional, under the worker's prefix
+     "params": {}}                                # optional, model-specific
+
+``inputs`` holds either inline ``rows`` or a ``uri`` (file://, s3://, or a local
+path) to a Parquet/JSONL file plus ``id_column`` / ``input_column`` naming the
+columns to use. Any producer that writes this JSON works; ``parse_job`` turns bytes
+into a validated :class:`Job` or raises a :class:`JobError` naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError
+
+from spotbatch.errors import JobError
+
+__all__ = ["Job", "InlineInputs", "UriInputs", "Row", "parse_job", "job_key", "SCHEMA_VERSIONS", "MAX_JOB_BYTES"]
+
+SCHEMA_VERSIONS = (1,)
+# Inline jobs are meant to be small; bigger inputs go in a file referenced by URI.
+MAX_JOB_BYTES = 8 * 1024 * 1024
+MAX_INLINE_ROWS = 100_000
+
+# Job ids name output files, so they must be safe in a path or an S3 key.
+JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
+ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+ParamValue = Union[bool, int, float, str]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Row(_Strict):
+    """One inline row: an ``id`` plus the model's input column (any other key)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    id: Annotated[str, StringConstraints(min_length=1, max_length=256)]
+
+
+class InlineInputs(_Strict):
+    rows: Annotated[list[Row], Field(min_length=1, max_length=MAX_INLINE_ROWS)]
+
+
+class UriInputs(_Strict):
+    uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    id_column: ColumnName = "id"
+    input_column: ColumnName | None = None  # default: the model's input column
+
+
+def _inputs_kind(value: Any) -> str:
+    # Pick the branch from the key present so errors name one branch's fields only.
+    data = value if isinstance(value, dict) else getattr(value, "__dict__", {})
+    return "uri" if "uri" in data else "rows"
+
+
+class Job(_Strict):
+    version: Literal[1] = 1
+    job_id: JobId
+    model: Annotated[str, StringConstraints(min_length=1, max_length=512)]
+    inputs: Annotated[
+        Annotated[InlineInputs, Tag("rows")] | Annotated[UriInputs, Tag("uri")],
+        Discriminator(_inputs_kind),
+    ]
+    output: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    params: Annotated[dict[ColumnName, ParamValue], Field(max_length=64)] = {}
+
+    def to_bytes(self) -> bytes:
+        return self.model_dump_json(exclude_none=True).encode()
+
+
+def parse_job(raw: bytes | None) -> Job:
+    """Decode and validate one message value; raise JobError naming what is wrong."""
+    if raw is None:
+        raise JobError("malformed_json", "the message has no value (tombstone)")
+    if len(raw) > MAX_JOB_BYTES:
+        raise JobError("invalid_job", f"message is {len(raw)} bytes; the limit is {MAX_JOB_BYTES}")
+    try:
+        data = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise JobError("malformed_json", f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise JobError("malformed_json", f"expected a JSON object, got {type(data).__name__}")
+    version = data.get("version", 1)
+    if version not in SCHEMA_VERSIONS:
+        raise JobError("unknown_version", f"version {version!r} is not supported (supported: {list(SCHEMA_VERSIONS)})")
+    try:
+        return Job.model_validate(data)
+    except ValidationError as exc:
+        raise JobError("invalid_job", _first_error(exc)) from None
+
+
+def _first_error(exc: ValidationError) -> str:
+    """One line: the dotted field path and pydantic's message for the first error."""
+    err = exc.errors()[0]
+    # The tagged union reports the tag as a path element; drop it.
+    loc = [str(p) for p in err["loc"]]
+    if loc[:1] == ["inputs"] and loc[1:2] in (["rows"], ["uri"]):
+        del loc[1]
+    where = ".".join(loc) or "<job>"
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    return f"{where}: {err['msg']}{more}"
+
+
+def job_key(job_id: str) -> bytes:
+    """Partition key: spreads jobs over partitions and keeps a job's redeliveries together."""
+    return job_id.encode()
+

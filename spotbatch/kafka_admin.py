@@ -1,0 +1,195 @@
+"""Small helpers over kafka-python for topics, offsets and whole-topic reads.
+
+Shared by the publisher, worker, demo and tests. Every helper opens its own short-lived
+client and closes it before returning.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+
+from kafka import KafkaConsumer, TopicPartition
+from kafka.admin import KafkaAdminClient
+from kafka.consumer.fetcher import ConsumerRecord
+from kafka.errors import (
+    KafkaTimeoutError,
+    TopicAlreadyExistsError,
+    UnknownTopicOrPartitionError,
+    for_code,
+)
+
+__all__ = [
+    "ensure_topics",
+    "partition_count",
+    "committed_offsets",
+    "log_end_offsets",
+    "read_all",
+]
+
+_REQUEST_TIMEOUT_MS = 10_000
+_POLL_MS = 100
+
+
+def ensure_topics(bootstrap: str, topics: Mapping[str, int], *,
+                  timeout_s: float = 10.0) -> dict[str, int]:
+    """Create missing topics ({name: partitions}); wait until metadata shows them.
+
+    Idempotent. An existing topic with fewer partitions than asked is an error (we do not
+    silently repartition, which would move keys). Returns {name: partition count}.
+    """
+    deadline = time.monotonic() + timeout_s
+    with _admin(bootstrap) as admin:
+        existing = set(admin.list_topics())
+        _create(admin, {n: p for n, p in topics.items() if n not in existing})
+        counts = _wait_for_partitions(admin, topics, deadline)
+    short = {n: c for n, c in counts.items() if c < topics[n]}
+    if short:
+        raise ValueError(f"existing topics have fewer partitions than asked: {short} "
+                         f"(asked {dict(topics)}); add partitions with kafka-topics --alter")
+    return counts
+
+
+def partition_count(bootstrap: str, topic: str) -> int:
+    """Number of partitions of an existing topic (UnknownTopicOrPartitionError if none)."""
+    with _admin(bootstrap) as admin:
+        return _describe(admin, [topic])[topic]
+
+
+def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+    """{partition: committed offset} of a group on a topic; no commit -> no key."""
+    with _admin(bootstrap) as admin:
+        offsets = admin.list_group_offsets(group).get(group, {})
+    return {tp.partition: meta.offset for tp, meta in offsets.items()
+            if tp.topic == topic and meta.offset >= 0}
+
+
+def log_end_offsets(bootstrap: str, topic: str, *, timeout_s: float = 10.0) -> dict[int, int]:
+    """{partition: true log-end offset} (the offset the next record will get)."""
+    with _reader(bootstrap) as consumer:
+        return _true_log_ends(consumer, _partitions(consumer, topic), timeout_s)
+
+
+def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[ConsumerRecord]:
+    """Every record of a topic (all partitions, from the start, no group), up to the log
+    end as it was when the call began. Sorted by (partition, offset).
+    """
+    deadline = time.monotonic() + timeout_s
+    with _reader(bootstrap) as consumer:
+        tps = _partitions(consumer, topic)
+        ends = _true_log_ends(consumer, tps, timeout_s)
+        consumer.seek_to_beginning(*tps)
+        records = _read_until(consumer, {tp: ends[tp.partition] for tp in tps}, deadline)
+    return sorted(records, key=lambda r: (r.partition, r.offset))
+
+
+@contextmanager
+def _admin(bootstrap: str) -> Iterator[KafkaAdminClient]:
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="spotbatch-admin",
+                             request_timeout_ms=_REQUEST_TIMEOUT_MS)
+    try:
+        yield admin
+    finally:
+        admin.close()
+
+
+@contextmanager
+def _reader(bootstrap: str) -> Iterator[KafkaConsumer]:
+    """A consumer with no group: it never joins, commits or disturbs real consumers."""
+    consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="spotbatch-reader",
+                             group_id=None, enable_auto_commit=False,
+                             auto_offset_reset="earliest", fetch_max_wait_ms=_POLL_MS,
+                             request_timeout_ms=_REQUEST_TIMEOUT_MS)
+    try:
+        yield consumer
+    finally:
+        consumer.close()
+
+
+def _create(admin: KafkaAdminClient, topics: Mapping[str, int]) -> None:
+    if not topics:
+        return
+    # replication_factor -1: the broker's default (Kafka >= 2.4), right for real clusters.
+    specs = {n: {"num_partitions": p, "replication_factor": -1} for n, p in topics.items()}
+    response = admin.create_topics(specs, timeout_ms=_REQUEST_TIMEOUT_MS, raise_errors=False)
+    for result in response["topics"]:
+        error = for_code(result["error_code"])
+        # Already-exists: someone else created it between our list and our create.
+        if result["error_code"] and error is not TopicAlreadyExistsError:
+            raise error(f"creating topic {result['name']!r}: {result['error_message']}")
+
+
+def _describe(admin: KafkaAdminClient, names: list[str]) -> dict[str, int]:
+    counts = {}
+    for meta in admin.describe_topics(names):
+        if meta["error_code"]:
+            raise for_code(meta["error_code"])(f"topic {meta['name']!r}")
+        counts[meta["name"]] = len(meta["partitions"])
+    return counts
+
+
+def _wait_for_partitions(admin: KafkaAdminClient, topics: Mapping[str, int],
+                         deadline: float) -> dict[str, int]:
+    """Poll metadata until each topic is known with a leader on every partition."""
+    while True:
+        try:
+            metas = admin.describe_topics(list(topics))
+        except UnknownTopicOrPartitionError:
+            metas = []
+        counts = {m["name"]: len(m["partitions"]) for m in metas if _ready(m)}
+        if len(counts) == len(topics):
+            return counts
+        if time.monotonic() > deadline:
+            missing = sorted(set(topics) - set(counts))
+            raise KafkaTimeoutError(f"topics not ready in metadata: {missing}")
+        time.sleep(0.1)
+
+
+def _ready(meta: dict) -> bool:
+    parts = meta["partitions"]
+    return not meta["error_code"] and bool(parts) and all(
+        not p["error_code"] and p["leader_id"] >= 0 for p in parts)
+
+
+def _partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
+    ids = consumer.partitions_for_topic(topic)
+    if not ids:
+        raise UnknownTopicOrPartitionError(f"topic {topic!r}")
+    return [TopicPartition(topic, p) for p in sorted(ids)]
+
+
+def _true_log_ends(consumer: KafkaConsumer, tps: list[TopicPartition],
+                   timeout_s: float) -> dict[int, int]:
+    """Log ends from ListOffsets, corrected by the high watermark a fetch reports.
+
+    Why: Tansu answers ListOffsets(latest) with (base offset of the last record batch)+1,
+    not the log end, whenever a batch holds several records (linger batching): 200
+    records in 4 partitions read back as 4. Its fetch responses carry the true high
+    watermark. So we seek to the ListOffsets answer and fetch: on Kafka the fetch is
+    empty and just confirms the answer; on Tansu it reads at most the last batch.
+    """
+    listed = consumer.end_offsets(tps)
+    consumer.assign(tps)
+    for tp in tps:
+        consumer.seek(tp, listed[tp])
+    deadline = time.monotonic() + timeout_s
+    while any(consumer.highwater(tp) is None for tp in tps):
+        if time.monotonic() > deadline:
+            raise KafkaTimeoutError(f"no fetch response for {tps} in {timeout_s:g}s")
+        consumer.poll(timeout_ms=_POLL_MS)  # records are dropped: we want the watermark
+    return {tp.partition: consumer.highwater(tp) for tp in tps}
+
+
+def _read_until(consumer: KafkaConsumer, ends: dict[TopicPartition, int],
+                deadline: float) -> list[ConsumerRecord]:
+    records: list[ConsumerRecord] = []
+    pending = dict(ends)
+    while pending:
+        if time.monotonic() > deadline:
+            raise KafkaTimeoutError(f"read {len(records)} records; still short of the log "
+                                    f"end on { {tp.partition: e for tp, e in pending.items()} }")
+        for tp, batch in consumer.poll(timeout_ms=_POLL_MS).items():
+            records.extend(r for r in batch if r.offset < ends[tp])
+        pending = {tp: e for tp, e in pending.items() if consumer.position(tp) < e}
+    return records

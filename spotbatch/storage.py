@@ -1,0 +1,359 @@
+"""Where bytes live: URIs, the allowed-prefix check, and object stores.
+
+Three URI forms are accepted: a local path, a ``file://`` URI and ``s3://bucket/key``.
+Local locations normalise to an absolute path without a scheme; S3 locations to
+``s3://bucket/key`` with ``.``/``..`` segments folded. Writes are atomic in both stores
+(temp file + ``os.replace`` locally, one ``PutObject`` on S3), which is what lets a
+redelivered job overwrite its own output and never leave a partial or second copy.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import posixpath
+import re
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Protocol
+from urllib.parse import unquote, urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import tenacity
+
+from spotbatch.errors import JobError
+
+__all__ = [
+    "Location",
+    "parse_uri",
+    "normalize_uri",
+    "join_uri",
+    "check_under_prefix",
+    "ObjectStore",
+    "LocalStore",
+    "S3Store",
+    "MemoryStore",
+    "S3_RETRY",
+    "store_for",
+]
+
+_BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+_SCHEME_ONE_SLASH_RE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:/")
+
+
+@dataclass(frozen=True)
+class Location:
+    """A parsed, normalised location. ``bucket`` is empty for local paths."""
+
+    scheme: str  # "file" or "s3"
+    bucket: str
+    path: str  # absolute local path, or the S3 key (may be "" for a whole bucket)
+
+    @property
+    def uri(self) -> str:
+        if self.scheme == "s3":
+            return f"s3://{self.bucket}/{self.path}"
+        return self.path
+
+
+def parse_uri(uri: str) -> Location:
+    """Parse and normalise ``uri``; raise ValueError for anything we cannot store to."""
+    if not isinstance(uri, str) or not uri or "\x00" in uri:
+        raise ValueError(f"not a usable URI: {uri!r}")
+    if _SCHEME_ONE_SLASH_RE.match(uri) and "://" not in uri:
+        # "s3:/b/k" is a typo, not a relative folder named "s3:".
+        raise ValueError(f"malformed URI {uri!r} (expected scheme://...)")
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if scheme == "s3":
+        return _parse_s3(uri)
+    if scheme == "file":
+        return _parse_file_uri(uri)
+    if scheme:
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {uri!r} (use a path, file:// or s3://)")
+    return Location("file", "", os.path.abspath(uri))  # abspath also normpaths
+
+
+def _parse_s3(uri: str) -> Location:
+    bucket, _, key = uri[len("s3://"):].partition("/")
+    if not _BUCKET_RE.match(bucket):
+        raise ValueError(f"invalid S3 bucket name {bucket!r} in {uri!r}")
+    if _escapes_bucket(key):
+        raise ValueError(f"S3 key climbs above the bucket in {uri!r}")
+    # Fold "." and ".." so "s3://b/out/../x" cannot pass a check on "s3://b/out".
+    key = posixpath.normpath("/" + key).lstrip("/") if key.strip("/") else ""
+    return Location("s3", bucket, key)
+
+
+def _escapes_bucket(raw_key: str) -> bool:
+    depth = 0
+    for part in raw_key.split("/"):
+        depth += -1 if part == ".." else (0 if part in ("", ".") else 1)
+        if depth < 0:
+            return True
+    return False
+
+
+def _parse_file_uri(uri: str) -> Location:
+    parts = urlsplit(uri)
+    if parts.netloc not in ("", "localhost"):
+        raise ValueError(f"file URI names a remote host {parts.netloc!r}: {uri!r}")
+    # Decode before normalising, so "%2e%2e" cannot smuggle a ".." past normpath.
+    path = unquote(parts.path)
+    if not path.startswith("/") or "\x00" in path:
+        raise ValueError(f"file URI must hold an absolute path: {uri!r}")
+    return Location("file", "", os.path.normpath(path))
+
+
+def normalize_uri(uri: str) -> str:
+    return parse_uri(uri).uri
+
+
+def join_uri(base: str, name: str) -> str:
+    """``base`` + "/" + ``name``, normalised (so a ``..`` in ``name`` is folded, not kept)."""
+    loc = parse_uri(base)
+    if loc.scheme == "s3":
+        key = f"{loc.path.rstrip('/')}/{name}" if loc.path else name
+        return normalize_uri(f"s3://{loc.bucket}/{key}")
+    return normalize_uri(os.path.join(loc.path, name))
+
+
+def check_under_prefix(uri: str, allowed_prefix: str) -> str:
+    """Return the normalised ``uri`` if it lies at or under ``allowed_prefix``.
+
+    Raises JobError("output_outside_prefix") otherwise: other scheme, other bucket,
+    a ``..`` escape, a look-alike sibling ("/out" vs "/outside"), or a symlinked
+    parent folder that points outside the prefix.
+    """
+    prefix = parse_uri(allowed_prefix)  # a bad prefix is a config error: ValueError
+    try:
+        loc = parse_uri(uri)
+    except ValueError as exc:
+        raise JobError("output_outside_prefix", str(exc)) from None
+    if not _is_under(loc, prefix):
+        raise JobError(
+            "output_outside_prefix",
+            f"{uri!r} is not under the allowed output prefix {prefix.uri!r}",
+        )
+    return loc.uri
+
+
+def _is_under(loc: Location, prefix: Location) -> bool:
+    if (loc.scheme, loc.bucket) != (prefix.scheme, prefix.bucket):
+        return False
+    if loc.scheme == "s3":
+        return prefix.path == "" or _path_under(loc.path, prefix.path, "/")
+    if not _path_under(loc.path, prefix.path, os.sep):
+        return False
+    if loc.path == prefix.path:
+        return True
+    # Resolve symlinks in the parent only: os.replace swaps the final name itself.
+    real = os.path.join(os.path.realpath(os.path.dirname(loc.path)), os.path.basename(loc.path))
+    return _path_under(real, os.path.realpath(prefix.path), os.sep)
+
+
+def _path_under(path: str, prefix: str, sep: str) -> bool:
+    # Compare whole segments: "/outside" must not count as under "/out".
+    return path == prefix or path.startswith(prefix.rstrip(sep) + sep)
+
+
+class ObjectStore(Protocol):
+    """The one seam for bytes at rest. Missing objects raise FileNotFoundError."""
+
+    def read_bytes(self, uri: str) -> bytes: ...
+
+    def write_atomic(self, uri: str, data: bytes) -> None: ...
+
+    def exists(self, uri: str) -> bool: ...
+
+
+def _expect(uri: str, scheme: str) -> Location:
+    loc = parse_uri(uri)
+    if loc.scheme != scheme:
+        raise ValueError(f"{uri!r} is not a {scheme} location")
+    if not loc.path:
+        raise ValueError(f"{uri!r} names a bucket, not an object")
+    return loc
+
+
+class LocalStore:
+    """Local folders. Readers see the old file or the new one, never half of either."""
+
+    def read_bytes(self, uri: str) -> bytes:
+        with open(_expect(uri, "file").path, "rb") as fh:
+            return fh.read()
+
+    def exists(self, uri: str) -> bool:
+        return os.path.isfile(_expect(uri, "file").path)
+
+    def write_atomic(self, uri: str, data: bytes) -> None:
+        path = _expect(uri, "file").path
+        folder, name = os.path.split(path)
+        os.makedirs(folder, exist_ok=True)
+        # Same folder as the target, so os.replace is a rename on one file system.
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            _remove_quietly(tmp)
+            raise
+        _fsync_dir(folder)  # makes the rename itself survive a power cut
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+def _fsync_dir(folder: str) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+_THROTTLE_CODES = frozenset({
+    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
+    "SlowDown", "TooManyRequestsException", "RequestLimitExceeded",
+    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
+})
+
+
+def _is_transient(exc: BaseException) -> bool:
+    """Connection trouble, throttling and S3's own 5xx: worth another try."""
+    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
+        return True
+    if isinstance(exc, botocore.exceptions.ClientError):
+        err = exc.response.get("Error", {})
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+        return err.get("Code") in _THROTTLE_CODES or status in (500, 502, 503, 504)
+    return False
+
+
+def _backoff() -> tenacity.wait.wait_base:
+    # tenacity 9.1 renamed "initial" to "multiplier" (the old name now warns); the
+    # project allows any 9.x, so take whichever this install understands.
+    try:
+        return tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1)
+    except TypeError:
+        return tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.1)
+
+
+# The one S3 retry policy. botocore's own retries are switched off (see _make_client)
+# so attempts do not multiply; everything else (NoSuchKey, AccessDenied) fails at once.
+S3_RETRY = tenacity.retry(
+    stop=tenacity.stop_after_attempt(5),
+    wait=_backoff(),
+    retry=tenacity.retry_if_exception(_is_transient),
+    reraise=True,
+)
+
+_MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
+
+
+def _is_missing(exc: botocore.exceptions.ClientError) -> bool:
+    return exc.response.get("Error", {}).get("Code") in _MISSING_CODES
+
+
+class S3Store:
+    """S3 (or anything speaking its API, e.g. moto, MinIO). One PUT per object is atomic."""
+
+    def __init__(self, endpoint_url: str | None = None, *, client=None) -> None:
+        self.endpoint_url = endpoint_url or _env_endpoint()
+        self._client = client if client is not None else _make_client(self.endpoint_url)
+
+    def read_bytes(self, uri: str) -> bytes:
+        loc = _expect(uri, "s3")
+        try:
+            return self._get(loc.bucket, loc.path)
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc):
+                raise FileNotFoundError(f"no such object: {uri}") from exc
+            raise
+
+    def exists(self, uri: str) -> bool:
+        loc = _expect(uri, "s3")
+        try:
+            self._head(loc.bucket, loc.path)
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc):
+                return False
+            raise
+        return True
+
+    def write_atomic(self, uri: str, data: bytes) -> None:
+        loc = _expect(uri, "s3")
+        self._put(loc.bucket, loc.path, data)
+
+    @S3_RETRY
+    def _get(self, bucket: str, key: str) -> bytes:
+        # The body is read inside the retried call: a stream cut mid-way retries too.
+        return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
+
+    @S3_RETRY
+    def _head(self, bucket: str, key: str) -> None:
+        self._client.head_object(Bucket=bucket, Key=key)
+
+    @S3_RETRY
+    def _put(self, bucket: str, key: str, data: bytes) -> None:
+        self._client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+def _env_endpoint() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _make_client(endpoint_url: str | None):
+    config = botocore.config.Config(
+        retries={"mode": "standard", "max_attempts": 1},  # S3_RETRY is the only retry layer
+        connect_timeout=10,
+        read_timeout=60,
+        # Custom endpoints (moto, MinIO) rarely resolve bucket subdomains.
+        s3={"addressing_style": "path"} if endpoint_url else None,
+    )
+    return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+
+
+class MemoryStore:
+    """In-memory store for unit tests of code that takes an ObjectStore."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def read_bytes(self, uri: str) -> bytes:
+        try:
+            return self.objects[normalize_uri(uri)]
+        except KeyError:
+            raise FileNotFoundError(f"no such object: {uri}") from None
+
+    def write_atomic(self, uri: str, data: bytes) -> None:
+        with self._lock:
+            self.objects[normalize_uri(uri)] = bytes(data)
+
+    def exists(self, uri: str) -> bool:
+        return normalize_uri(uri) in self.objects
+
+
+_LOCAL = LocalStore()
+
+
+def store_for(uri: str) -> ObjectStore:
+    """The store for ``uri``'s scheme; S3 clients are built once per endpoint."""
+    if parse_uri(uri).scheme == "s3":
+        return _s3_store(_env_endpoint())
+    return _LOCAL
+
+
+@functools.lru_cache(maxsize=None)
+def _s3_store(endpoint_url: str | None) -> S3Store:
+    return S3Store(endpoint_url)

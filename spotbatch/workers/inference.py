@@ -1,0 +1,111 @@
+"""The inference thread: runs batches beside the consumer-owning thread.
+
+It takes closed batches from a one-slot inbox (so the owner can stage the next
+batch while this one runs) and hands results back through an outbox the owner
+drains. A batch that fails for a reason other than a JobError is retried one
+segment at a time, so one job's poison row cannot fail its batch-mates.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from spotbatch.errors import JobError
+from spotbatch.models.base import Outputs
+from spotbatch.workers.batcher import Batch, PendingJob, Segment
+
+__all__ = ["BatchResult", "InferenceThread"]
+
+log = logging.getLogger(__name__)
+
+RunFn = Callable[[list[Any], dict[str, Any]], Outputs]
+
+
+@dataclass
+class BatchResult:
+    batch: Batch
+    seconds: float
+    parts: list[tuple[Segment, Outputs]] = field(default_factory=list)
+    failures: list[tuple[PendingJob, JobError]] = field(default_factory=list)
+
+
+class InferenceThread:
+    def __init__(self, run: RunFn) -> None:
+        self._run = run
+        self._inbox: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
+        self.outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
+        self._busy = 0  # batches submitted and not yet returned; owner-thread only
+        self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int:
+        return self._busy
+
+    def can_take(self) -> bool:
+        """One batch running plus one staged keeps the model busy without hoarding rows."""
+        return self._busy < 2
+
+    def submit(self, batch: Batch) -> None:
+        self._busy += 1
+        self._inbox.put(batch)
+
+    def results(self) -> list[BatchResult]:
+        out = []
+        while True:
+            try:
+                out.append(self.outbox.get_nowait())
+            except queue.Empty:
+                break
+        self._busy -= len(out)
+        return out
+
+    def wait(self, timeout_s: float) -> list[BatchResult]:
+        """Block up to ``timeout_s`` for at least one result (used while draining)."""
+        try:
+            first = self.outbox.get(timeout=max(0.0, timeout_s))
+        except queue.Empty:
+            return []
+        self._busy -= 1
+        return [first, *self.results()]
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        try:
+            self._inbox.put(None, timeout=timeout_s)
+        except queue.Full:
+            return  # a batch is still staged; the daemon thread dies with the process
+        self._thread.join(timeout_s)
+
+    def _loop(self) -> None:
+        while (batch := self._inbox.get()) is not None:
+            start = time.perf_counter()
+            result = BatchResult(batch, 0.0)
+            try:
+                result.parts = batch.split(self._run(batch.values, batch.params))
+            except Exception as exc:  # noqa: BLE001 - isolated per segment below
+                self._run_alone(batch, exc, result)
+            result.seconds = time.perf_counter() - start
+            self.outbox.put(result)
+
+    def _run_alone(self, batch: Batch, first: Exception, result: BatchResult) -> None:
+        if len(batch.segments) == 1:
+            result.failures = [(s.job, _as_job_error(first)) for s in batch.segments]
+            return
+        log.warning("batch of %d segments failed (%s); retrying each alone", len(batch.segments), first)
+        for seg in batch.segments:
+            values = seg.job.values[seg.start : seg.stop]
+            try:
+                result.parts.append((seg, self._run(values, batch.params)))
+            except Exception as exc:  # noqa: BLE001
+                result.failures.append((seg.job, _as_job_error(exc)))
+
+
+def _as_job_error(exc: Exception) -> JobError:
+    if isinstance(exc, JobError):
+        return exc
+    return JobError("inference_failed", f"{type(exc).__name__}: {exc}")

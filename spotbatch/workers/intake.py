@@ -1,0 +1,64 @@
+"""Turning one Kafka record into a batchable job, or a JobError that names why not."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from spotbatch.errors import JobError
+from spotbatch.inputs import read_rows
+from spotbatch.jobs import InlineInputs, Job
+from spotbatch.models.base import ModelHandler
+from spotbatch.workers.batcher import PendingJob
+from spotbatch.workers.sinks import ParquetSink
+
+__all__ = ["Intake"]
+
+
+class Intake:
+    """Checks a parsed job against this worker (model, output prefix, params, rows).
+
+    ``needs_io`` tells the owner thread whether ``build`` reads a file, so that it
+    can run it on the I/O pool instead of stalling the consumer loop.
+    """
+
+    def __init__(self, handler: ModelHandler, sink: ParquetSink) -> None:
+        self._handler = handler
+        self._sink = sink
+
+    @staticmethod
+    def needs_io(job: Job) -> bool:
+        return not isinstance(job.inputs, InlineInputs)
+
+    def check(self, job: Job) -> tuple[str, dict[str, Any]]:
+        """Cheap checks done before any I/O: model, params, output location."""
+        if job.model != self._handler.name:
+            raise JobError("unknown_model", f"model {job.model!r}: this worker serves {self._handler.name!r}")
+        try:
+            params = self._handler.check_params(job.params)
+        except ValueError as exc:
+            raise JobError("invalid_job", f"params: {exc}") from None
+        return self._sink.output_uri(job.job_id, job.output), params
+
+    def build(self, job: Job, record: Any, epoch: int) -> PendingJob:
+        output_uri, params = self.check(job)
+        ids, values = self._rows(job)
+        for row_id, value in zip(ids, values):
+            try:
+                self._handler.check_row(value)
+            except ValueError as exc:
+                raise JobError("row_rejected", f"row {row_id!r}: {exc}") from None
+        return PendingJob(job, record, ids, values, output_uri, params, epoch=epoch)
+
+    def _rows(self, job: Job) -> tuple[list[str], list[Any]]:
+        column = self._handler.input_column
+        if isinstance(job.inputs, InlineInputs):
+            extras = [row.model_extra or {} for row in job.inputs.rows]
+            for i, extra in enumerate(extras):
+                if column not in extra:
+                    raise JobError("invalid_job", f"inputs.rows.{i}: missing the model's input column {column!r}")
+            return [row.id for row in job.inputs.rows], [extra[column] for extra in extras]
+        inputs = job.inputs
+        ids, values = read_rows(inputs.uri, id_column=inputs.id_column, input_column=inputs.input_column or column)
+        if not ids:
+            raise JobError("input_invalid", f"{inputs.uri} has no rows")
+        return ids, values

@@ -1,0 +1,83 @@
+"""Write a job's results as one Parquet object named after the job.
+
+The name is a pure function of the job id (and part index), and the bytes go out in
+one atomic write, so at-least-once delivery still yields exactly one output per job:
+a redelivered job replaces its own file and never leaves a partial or second copy.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from spotbatch.errors import JobError
+from spotbatch.storage import ObjectStore, check_under_prefix, join_uri, normalize_uri, store_for
+
+__all__ = ["ParquetSink", "build_table", "read_table"]
+
+
+class ParquetSink:
+    """Parquet outputs under ``root``; jobs may pick a sub-prefix, never leave ``root``."""
+
+    def __init__(self, root: str, *, store: ObjectStore | None = None) -> None:
+        self.root = normalize_uri(root)
+        self._store = store  # None: pick per URI with store_for (tests inject MemoryStore)
+
+    def output_uri(self, job_id: str, output_prefix: str | None = None, *, part: int | None = None) -> str:
+        """``<prefix or root>/<job_id>[.part-NNNNN].parquet``, checked to lie under root."""
+        prefix = check_under_prefix(output_prefix, self.root) if output_prefix else self.root
+        uri = join_uri(prefix, _object_name(job_id, part))
+        # Checked again after the join, in case an odd id still points somewhere else.
+        return check_under_prefix(uri, self.root)
+
+    def write(self, uri: str, ids: list[str], columns: dict[str, np.ndarray]) -> None:
+        """Serialise in memory, then one atomic write: readers never see half a file."""
+        data = _to_parquet_bytes(build_table(ids, columns))
+        self._store_for(uri).write_atomic(uri, data)
+
+    def _store_for(self, uri: str) -> ObjectStore:
+        return self._store if self._store is not None else store_for(uri)
+
+
+def _object_name(job_id: str, part: int | None) -> str:
+    if not job_id or job_id in (".", "..") or any(c in job_id for c in "/\\\x00"):
+        raise JobError("invalid_job", f"job id {job_id!r} cannot name an output object")
+    if part is None:
+        return f"{job_id}.parquet"
+    if part < 0:
+        raise ValueError(f"part index must be >= 0, got {part}")
+    return f"{job_id}.part-{part:05d}.parquet"
+
+
+def build_table(ids: list[str], columns: dict[str, np.ndarray]) -> pa.Table:
+    """``id`` (string) first, then each column; a 2-D (n, d) array -> fixed_size_list[d]."""
+    if "id" in columns:
+        raise ValueError("'id' is reserved for the row ids; rename the output column")
+    arrays = {"id": pa.array([str(i) for i in ids], type=pa.string())}
+    for name, values in columns.items():
+        arrays[name] = _column(name, np.asarray(values), len(ids))
+    return pa.table(arrays)
+
+
+def _column(name: str, values: np.ndarray, n: int) -> pa.Array:
+    if values.shape[:1] != (n,):
+        raise ValueError(f"column {name!r} has {values.shape[:1] or 'no'} rows, expected {n}")
+    if values.ndim == 1:
+        return pa.array(values)
+    if values.ndim == 2:
+        flat = pa.array(np.ascontiguousarray(values).reshape(-1))
+        return pa.FixedSizeListArray.from_arrays(flat, values.shape[1])
+    raise ValueError(f"column {name!r} is {values.ndim}-D; only 1-D and 2-D arrays are supported")
+
+
+def _to_parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def read_table(uri: str, *, store: ObjectStore | None = None) -> pa.Table:
+    """Read a Parquet output back (tests, demo)."""
+    data = (store or store_for(uri)).read_bytes(uri)
+    return pq.read_table(pa.BufferReader(data))

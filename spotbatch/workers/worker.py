@@ -1,0 +1,355 @@
+"""The worker: consume -> batch -> infer -> write -> commit.
+
+Threads (dramatiq's split): this module's owner thread is the only one that touches
+the Kafka consumer. The inference thread runs the model; a small I/O pool reads
+input files and writes outputs. Completed work flows back to the owner, which
+commits. An offset is committed only once its job is durable: its Parquet file
+written, or its dead letter acknowledged by the broker.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
+from kafka.errors import CommitFailedError, KafkaError
+from kafka.structs import TopicPartition
+
+from spotbatch.config import Settings
+from spotbatch.errors import JobError
+from spotbatch.jobs import parse_job
+from spotbatch.workers.batcher import Batcher, PendingJob
+from spotbatch.workers.inference import BatchResult, InferenceThread
+from spotbatch.workers.intake import Intake
+from spotbatch.workers.metrics import WorkerMetrics
+from spotbatch.workers.offsets import OffsetTracker
+from spotbatch.workers.streams import SideStreams
+
+__all__ = ["Worker", "WorkerStats"]
+
+log = logging.getLogger("spotbatch.worker")
+
+_POLL_IDLE_MS = 100  # FACTS: poll(0) with every partition paused spins a core
+_POLL_BUSY_MS = 20  # short while batches are in flight so the next one is staged in time
+_FINAL_RESERVE_S = 3.0  # of the drain deadline, kept for commit + flush + leave
+
+
+@dataclass
+class WorkerStats:
+    jobs_ok: int = 0
+    jobs_failed: int = 0
+    rows: int = 0
+
+
+class _Listener(ConsumerRebalanceListener):
+    """Runs on kafka-python's IO thread: it only records events for the owner.
+
+    Blocking commits are not allowed here (FACTS); durable offsets are committed on
+    every loop turn anyway, so a revoke loses at most the jobs still in flight,
+    uncommitted, and the next owner redoes them into the same output files.
+    """
+
+    def __init__(self, events: list) -> None:
+        self._events = events
+
+    def on_partitions_revoked(self, revoked):
+        self._events.append(("revoked", set(revoked)))
+
+    def on_partitions_assigned(self, assigned):
+        self._events.append(("assigned", set(assigned)))
+
+    def on_partitions_lost(self, lost):
+        self._events.append(("lost", set(lost)))
+
+
+class Worker:
+    def __init__(self, settings: Settings, handler: Any, run_batch: Any, sink: Any, *, burst: bool = False) -> None:
+        self.settings = settings
+        self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
+        self.metrics = WorkerMetrics()
+        self.stats = WorkerStats()
+        self._burst = burst
+        self._stop_at: float | None = None  # the shared drain deadline once stopping
+        self._events: list = []  # appended by the IO thread (list.append is atomic)
+        self._owned: dict[TopicPartition, int] = {}  # partition -> ownership epoch
+        self._epoch = 0
+        self._tracker = OffsetTracker()
+        self._batcher = Batcher(max_batch_rows=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms)
+        self._intake = Intake(handler, sink)
+        self._sink = sink
+        self._inference = InferenceThread(run_batch)
+        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
+        self._loads: list[tuple[Any, int, Future]] = []  # (record, epoch, future of PendingJob)
+        self._writes: list[tuple[PendingJob, float, Future]] = []
+        self._acks: list[tuple[Any, int, Any]] = []  # (record, epoch, kafka future)
+        self._idle_since: float | None = None
+        self._consumer = self._make_consumer()
+        self._streams = SideStreams(self._make_producer(), self.worker_id)
+
+    # ---- lifecycle -------------------------------------------------------------
+
+    def request_stop(self, *, now: bool = False) -> None:
+        """Begin draining (signal-safe). ``now`` abandons in-flight work at once."""
+        deadline = time.monotonic() + (0.0 if now else self.settings.drain_s)
+        self._stop_at = deadline if self._stop_at is None else min(self._stop_at, deadline)
+
+    def run(self) -> WorkerStats:
+        self._consumer.subscribe([self.settings.topic], listener=_Listener(self._events))
+        log.info("worker %s consuming topic=%s group=%s", self.worker_id, self.settings.topic, self.settings.group)
+        try:
+            while self._stop_at is None:
+                self._turn()
+                if self._burst and self._drained_for(2.0):
+                    log.info("burst mode: caught up with the log end; stopping")
+                    self.request_stop()
+            self._shutdown()
+        finally:
+            self._io.shutdown(wait=False, cancel_futures=True)
+            self._inference.stop()
+        return self.stats
+
+    def _shutdown(self) -> None:
+        """Leave the group without losing a job; every step shares one deadline.
+
+        1. Stop fetching: pause every partition (records already fetched stay unread).
+        2. Finish accepted work: close batches without waiting for max_wait and keep
+           turning until nothing is in flight, or only the final reserve is left.
+        3. Commit what is durable. Unfinished work stays uncommitted: redelivered later.
+        4. Flush the side streams and close the consumer, which leaves the group.
+        """
+        deadline = self._stop_at
+        self._consumer.pause(*self._consumer.assignment())
+        while self._busy() and time.monotonic() < deadline - _FINAL_RESERVE_S:
+            self._turn(draining=True)
+        if self._busy():
+            log.warning("drain deadline reached: abandoning %d uncommitted jobs", self._tracker.outstanding())
+        self._commit()
+        self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
+        self._consumer.close(autocommit=False)
+        log.info("worker %s left the group: %s", self.worker_id, self.stats)
+
+    # ---- one turn of the owner loop -------------------------------------------
+
+    def _turn(self, draining: bool = False) -> None:
+        self._apply_rebalance_events()
+        self._flow_control(draining)
+        records = self._consumer.poll(timeout_ms=self._poll_ms(), max_records=500, update_offsets=True)
+        self._apply_rebalance_events()  # the listener ran inside poll(): its news first
+        for recs in records.values():
+            for record in recs:
+                self._accept(record)
+        self._collect_loads()
+        self._collect_results()
+        self._feed_inference(force=draining)
+        self._collect_writes()
+        self._collect_acks()
+        self._commit()
+        self.metrics.tick()
+
+    def _apply_rebalance_events(self) -> None:
+        while self._events:
+            kind, tps = self._events.pop(0)
+            if kind == "assigned":
+                self._epoch += 1
+                self._owned.update({tp: self._epoch for tp in tps})
+                log.info("assigned %s", sorted(tp.partition for tp in tps))
+                continue
+            for tp in tps:  # revoked or lost: forget; in-flight results become stale
+                self._owned.pop(tp, None)
+                self._tracker.forget(tp)
+            dropped = self._batcher.drop(self._is_current)
+            log.info("%s %s; abandoned %d queued jobs uncommitted", kind, sorted(tp.partition for tp in tps), len(dropped))
+
+    def _flow_control(self, draining: bool) -> None:
+        # Re-applied every turn: newly assigned partitions start unpaused (FACTS).
+        assigned = self._consumer.assignment()
+        inflight_rows = self._inference.in_flight * self.settings.max_batch_rows
+        backlog = self._batcher.pending_rows + inflight_rows + len(self._loads) * self.settings.max_batch_rows
+        if draining or backlog >= self.settings.max_pending_rows:
+            self._consumer.pause(*assigned)
+        elif self._consumer.paused():
+            self._consumer.resume(*self._consumer.paused())
+        self.metrics.pending_rows.set(self._batcher.pending_rows)
+
+    def _poll_ms(self) -> int:
+        if self._inference.in_flight or self._loads or self._writes:
+            return _POLL_BUSY_MS
+        due = self._batcher.seconds_until_due()
+        return _POLL_IDLE_MS if due is None else max(1, min(_POLL_IDLE_MS, int(due * 1000)))
+
+    def _accept(self, record: Any) -> None:
+        tp = TopicPartition(record.topic, record.partition)
+        epoch = self._owned.get(tp)
+        if epoch is None:  # fetched just before a revoke: not ours to process any more
+            return
+        self._tracker.seen(tp, record.offset)
+        try:
+            job = parse_job(record.value)
+            if Intake.needs_io(job):
+                self._intake.check(job)  # fail fast on model/prefix before reading a file
+                self._loads.append((record, epoch, self._io.submit(self._intake.build, job, record, epoch)))
+            else:
+                self._batcher.add(self._intake.build(job, record, epoch))
+        except JobError as err:
+            self._dead_letter(record, epoch, err)
+
+    def _collect_loads(self) -> None:
+        for record, epoch, fut in _take_done(self._loads, lambda item: item[2]):
+            try:
+                job = fut.result()
+            except JobError as err:
+                self._dead_letter(record, epoch, err)
+                continue
+            if self._is_current(job):
+                self._batcher.add(job)
+
+    def _feed_inference(self, force: bool) -> None:
+        while self._inference.can_take():
+            batch = self._batcher.next_batch(force=force)
+            if batch is None:
+                return
+            self._inference.submit(batch)
+
+    def _collect_results(self) -> None:
+        for result in self._inference.results():
+            self._account(result)
+            for seg, outputs in result.parts:
+                job = seg.job
+                if not self._is_current(job) or job.failed:
+                    continue
+                job.add_part(seg.start, outputs)
+                if job.complete:
+                    self._writes.append((job, time.monotonic(), self._io.submit(self._write, job)))
+            for job, err in result.failures:
+                if self._is_current(job) and not job.failed:
+                    job.failed = True
+                    self._dead_letter(job.record, job.epoch, err, job.job.job_id)
+
+    def _write(self, job: PendingJob) -> None:
+        self._sink.write(job.output_uri, job.ids, job.outputs())
+
+    def _collect_writes(self) -> None:
+        for job, _, fut in _take_done(self._writes, lambda item: item[2]):
+            fut.result()  # an infrastructure fault here stops the worker; nothing is committed
+            self.stats.jobs_ok += 1
+            self.metrics.jobs.labels("ok").inc()
+            seconds = round(time.monotonic() - job.accepted_at, 3)
+            self._streams.status(
+                job.record.topic, job.job.job_id, status="ok", key=job.record.key,
+                rows=job.rows, seconds=seconds, output=job.output_uri, source=_coords(job.record),
+            )
+            if self._is_current(job):
+                self._tracker.done(job.tp, job.record.offset)
+
+    def _dead_letter(self, record: Any, epoch: int, err: JobError, job_id: str | None = None) -> None:
+        log.warning("dead-letter %s partition=%d offset=%d: %s", job_id or "<unparsed>", record.partition, record.offset, err)
+        self.stats.jobs_failed += 1
+        self.metrics.jobs.labels("failed").inc()
+        self.metrics.errors.labels(err.code).inc()
+        self._acks.append((record, epoch, self._streams.dead_letter(record, err)))
+        self._streams.status(
+            record.topic, job_id or _job_id_of(record), status="failed", key=record.key,
+            error=err.code, reason=err.reason, source=_coords(record),
+        )
+
+    def _collect_acks(self) -> None:
+        for record, epoch, fut in _take_done(self._acks, lambda item: item[2], done=lambda f: f.is_done):
+            if not fut.succeeded():  # the DLQ did not take it: never commit past it
+                raise RuntimeError(f"dead-letter write failed for offset {record.offset}: {fut.exception}")
+            tp = TopicPartition(record.topic, record.partition)
+            if self._owned.get(tp) == epoch:
+                self._tracker.done(tp, record.offset)
+
+    def _commit(self) -> None:
+        offsets = self._tracker.to_commit(only=set(self._owned))
+        if not offsets:
+            return
+        try:
+            self._consumer.commit(offsets)
+            self._tracker.committed(offsets)
+        except (CommitFailedError, KafkaError) as exc:  # a rebalance overtook us; events follow
+            log.warning("commit of %d partitions failed: %s", len(offsets), exc)
+        for tp in self._owned:
+            hw, pos = self._consumer.highwater(tp), self._tracker.position(tp)
+            if hw is not None and pos is not None:
+                self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - pos))
+
+    # ---- helpers ---------------------------------------------------------------
+
+    def _account(self, result: BatchResult) -> None:
+        self.metrics.batch_rows.observe(result.batch.rows)
+        self.metrics.batch_seconds.observe(result.seconds)
+        self.metrics.rows.inc(result.batch.rows)
+        self.stats.rows += result.batch.rows
+
+    def _is_current(self, job: PendingJob) -> bool:
+        return self._owned.get(job.tp) == job.epoch
+
+    def _busy(self) -> bool:
+        return bool(len(self._batcher) or self._inference.in_flight or self._loads or self._writes or self._acks)
+
+    def _drained_for(self, seconds: float) -> bool:
+        """Burst mode: nothing in flight and every owned partition read to its end."""
+        caught_up = bool(self._owned) and not self._busy() and all(
+            (hw := self._consumer.highwater(tp)) is not None and (self._tracker.position(tp) or 0) >= hw
+            for tp in self._owned
+        )
+        now = time.monotonic()
+        if not caught_up:
+            self._idle_since = None
+            return False
+        self._idle_since = self._idle_since or now
+        return now - self._idle_since >= seconds
+
+    def _make_consumer(self) -> KafkaConsumer:
+        s = self.settings
+        return KafkaConsumer(
+            bootstrap_servers=s.kafka_bootstrap,
+            group_id=s.group,
+            client_id=self.worker_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            session_timeout_ms=s.session_timeout_ms,
+            heartbeat_interval_ms=max(500, s.session_timeout_ms // 5),
+            max_poll_interval_ms=s.max_poll_interval_ms,
+            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
+            fetch_max_bytes=max(s.max_partition_fetch_bytes, 52_428_800),
+        )
+
+    def _make_producer(self) -> KafkaProducer:
+        return KafkaProducer(
+            bootstrap_servers=self.settings.kafka_bootstrap,
+            client_id=f"{self.worker_id}-side",
+            acks="all",
+            linger_ms=5,
+            max_request_size=self.settings.max_partition_fetch_bytes,
+        )
+
+
+def _take_done(items: list, future_of, done=lambda f: f.done()) -> list:
+    """Remove and return the items whose future has finished, keeping order."""
+    flags = [done(future_of(item)) for item in items]  # read once: futures finish concurrently
+    finished = [item for item, flag in zip(items, flags) if flag]
+    if finished:
+        items[:] = [item for item, flag in zip(items, flags) if not flag]
+    return finished
+
+
+def _coords(record: Any) -> dict[str, Any]:
+    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
+
+
+def _job_id_of(record: Any) -> str | None:
+    """Best effort: a rejected job's id, if its JSON got that far, for the status record."""
+    try:
+        job_id = json.loads(record.value).get("job_id")
+    except Exception:  # noqa: BLE001 - malformed input is exactly the case here
+        return None
+    return job_id if isinstance(job_id, str) else None
