@@ -18,7 +18,7 @@ from spotbatch.config import ConfigError, load_settings
 from spotbatch.errors import JobError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference on spot GPUs, fed by Kafka.")
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line in logs
 out = Console()
 
 BootstrapOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP].")
@@ -92,8 +92,10 @@ def publish(
     from spotbatch import publish as pub
 
     settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic, model=model)
+    if "://" not in file and not Path(file).is_file():
+        _fail(f"input file {file} does not exist; pass a JSONL or Parquet file (or s3://...)")
     try:
-        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, request_timeout_ms=30_000)
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, bootstrap_timeout_ms=5_000)
     except Exception as exc:  # noqa: BLE001 - any connect failure gets the same fix
         _fail(f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}); pass --bootstrap HOST:PORT")
     progress = Progress(TextColumn("publishing"), BarColumn(), TextColumn("{task.completed} jobs"),

@@ -12,6 +12,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import Field, ValidationError
 from pydantic_settings import (
     BaseSettings,
@@ -69,7 +70,7 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        path = _yaml_path.get() or os.environ.get("SPOTBATCH_CONFIG")
+        path = _yaml_path.get()
         if path:
             sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=path))
         return tuple(sources)
@@ -77,13 +78,16 @@ class Settings(BaseSettings):
 
 def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:
     """Build settings; ``flags`` set to None are "not given" and fall through."""
-    if config is not None and not Path(config).is_file():
-        raise ConfigError(f"config file {config} does not exist; pass an existing YAML file to --config")
-    token = _yaml_path.set(str(config) if config is not None else None)
+    path = str(config) if config is not None else os.environ.get("SPOTBATCH_CONFIG") or None
+    if path is not None and not Path(path).is_file():
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config (or SPOTBATCH_CONFIG)")
+    token = _yaml_path.set(path)
     try:
         return Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
         raise ConfigError(_one_line(exc)) from None
+    except (yaml.YAMLError, TypeError, ValueError) as exc:  # unparsable file, or not a mapping
+        raise ConfigError(f"config file {path} is not a YAML mapping of settings: {str(exc).splitlines()[0]}") from None
     finally:
         _yaml_path.reset(token)
 

@@ -90,7 +90,7 @@ def parse_job(raw: bytes | None) -> Job:
     if not isinstance(data, dict):
         raise JobError("malformed_json", f"expected a JSON object, got {type(data).__name__}")
     version = data.get("version", 1)
-    if version not in SCHEMA_VERSIONS:
+    if type(version) is not int or version not in SCHEMA_VERSIONS:  # noqa: E721 - True is not 1 here
         raise JobError("unknown_version", f"version {version!r} is not supported (supported: {list(SCHEMA_VERSIONS)})")
     try:
         return Job.model_validate(data)

@@ -21,9 +21,11 @@ class Intake:
     can run it on the I/O pool instead of stalling the consumer loop.
     """
 
-    def __init__(self, handler: ModelHandler, sink: ParquetSink) -> None:
+    def __init__(self, handler: ModelHandler, sink: ParquetSink, *, aliases: tuple[str, ...] = ()) -> None:
         self._handler = handler
         self._sink = sink
+        # The name the operator configured ("torchscript:./m.pt") and the handler's own.
+        self._names = {handler.name, *aliases}
 
     @staticmethod
     def needs_io(job: Job) -> bool:
@@ -31,7 +33,7 @@ class Intake:
 
     def check(self, job: Job) -> tuple[str, dict[str, Any]]:
         """Cheap checks done before any I/O: model, params, output location."""
-        if job.model != self._handler.name:
+        if job.model not in self._names:
             raise JobError("unknown_model", f"model {job.model!r}: this worker serves {self._handler.name!r}")
         try:
             params = self._handler.check_params(job.params)

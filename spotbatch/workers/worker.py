@@ -22,6 +22,7 @@ from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
 from kafka.errors import CommitFailedError, KafkaError
 from kafka.structs import TopicPartition
 
+from spotbatch import chaos
 from spotbatch.config import Settings
 from spotbatch.errors import JobError
 from spotbatch.jobs import parse_job
@@ -82,7 +83,7 @@ class Worker:
         self._epoch = 0
         self._tracker = OffsetTracker()
         self._batcher = Batcher(max_batch_rows=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms)
-        self._intake = Intake(handler, sink)
+        self._intake = Intake(handler, sink, aliases=(settings.model,))
         self._sink = sink
         self._inference = InferenceThread(run_batch)
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
@@ -104,11 +105,19 @@ class Worker:
         self._consumer.subscribe([self.settings.topic], listener=_Listener(self._events))
         log.info("worker %s consuming topic=%s group=%s", self.worker_id, self.settings.topic, self.settings.group)
         try:
-            while self._stop_at is None:
-                self._turn()
-                if self._burst and self._drained_for(2.0):
-                    log.info("burst mode: caught up with the log end; stopping")
-                    self.request_stop()
+            try:
+                while self._stop_at is None:
+                    self._turn()
+                    if self._burst and self._drained_for(2.0):
+                        log.info("burst mode: caught up with the log end; stopping")
+                        self.request_stop()
+            except Exception:
+                # An infrastructure fault (output store down, DLQ refused): keep what is
+                # durable, leave the group so others take over, and let the caller exit 1.
+                log.exception("fatal error; committing what is durable and leaving the group")
+                self.request_stop(now=True)
+                self._shutdown()
+                raise
             self._shutdown()
         finally:
             self._io.shutdown(wait=False, cancel_futures=True)
@@ -247,6 +256,7 @@ class Worker:
             )
             if self._is_current(job):
                 self._tracker.done(job.tp, job.record.offset)
+            chaos.reached("after_write")
 
     def _dead_letter(self, record: Any, epoch: int, err: JobError, job_id: str | None = None) -> None:
         log.warning("dead-letter %s partition=%d offset=%d: %s", job_id or "<unparsed>", record.partition, record.offset, err)
@@ -274,6 +284,7 @@ class Worker:
         try:
             self._consumer.commit(offsets)
             self._tracker.committed(offsets)
+            chaos.reached("after_commit")
         except (CommitFailedError, KafkaError) as exc:  # a rebalance overtook us; events follow
             log.warning("commit of %d partitions failed: %s", len(offsets), exc)
         for tp in self._owned:

@@ -1,0 +1,47 @@
+"""``spotbatch demo`` end to end, as a user runs it: its own broker, its own workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from spotbatch.demo import sample_corpus
+from spotbatch.embedded import BOOTSTRAP_ENV
+from tests.integration.helpers import REPO_ROOT, assert_job_output
+
+pytestmark = pytest.mark.integration
+
+
+def test_demo_runs_the_whole_loop_and_prints_json(tmp_path):
+    out = tmp_path / "demo-out"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTBATCH_")}
+    assert BOOTSTRAP_ENV not in env  # so the demo starts its own broker
+    env["PYTHONPATH"] = str(REPO_ROOT)
+    cmd = [sys.executable, "-m", "spotbatch", "demo", "--model", "tiny", "--rows", "120", "--rows-per-job", "10",
+           "--json", "--output", str(out), "--timeout-s", "120"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((out / "logs").glob("*.log"))) \
+        if (out / "logs").exists() else ""
+    where = f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}\n{logs}"
+    assert proc.returncode == 0, where
+
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, where  # exactly one JSON object, nothing else on stdout
+    summary = json.loads(lines[0])
+    assert (summary["jobs"], summary["rows"], summary["failed"], summary["dlq"]) == (12, 120, 0, 0), summary
+    assert summary["output"] == str(Path(out).resolve())
+    assert summary["model"] == "tiny" and summary["workers"] == 2
+    assert summary["seconds"] > 0 and summary["rows_per_s"] > 0
+
+    files = sorted(p.name for p in out.iterdir() if p.is_file())
+    assert files == [f"demo-{i:06d}.parquet" for i in range(12)], files
+    corpus = list(sample_corpus(120))
+    for i, name in enumerate(files):
+        rows = corpus[i * 10 : (i + 1) * 10]
+        assert_job_output(pq.read_table(out / name), [r["id"] for r in rows], [r["text"] for r in rows])
