@@ -7,6 +7,8 @@ a redelivered job replaces its own file and never leaves a partial or second cop
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -26,10 +28,16 @@ class ParquetSink:
 
     def output_uri(self, job_id: str, output_prefix: str | None = None, *, part: int | None = None) -> str:
         """``<prefix or root>/<job_id>[.part-NNNNN].parquet``, checked to lie under root."""
-        prefix = check_under_prefix(output_prefix, self.root) if output_prefix else self.root
+        prefix = check_under_prefix(self._anchor(output_prefix), self.root) if output_prefix else self.root
         uri = join_uri(prefix, _object_name(job_id, part))
         # Checked again after the join, in case an odd id still points somewhere else.
         return check_under_prefix(uri, self.root)
+
+    def _anchor(self, prefix: str) -> str:
+        """A relative prefix ("run-7/") means under root, wherever the worker was started."""
+        if "://" in prefix or os.path.isabs(prefix):
+            return prefix
+        return join_uri(self.root, prefix)
 
     def write(self, uri: str, ids: list[str], columns: dict[str, np.ndarray]) -> None:
         """Serialise in memory, then one atomic write: readers never see half a file."""

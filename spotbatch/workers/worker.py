@@ -91,6 +91,7 @@ class Worker:
         self._writes: list[tuple[PendingJob, float, Future]] = []
         self._acks: list[tuple[Any, int, Any]] = []  # (record, epoch, kafka future)
         self._idle_since: float | None = None
+        self._rows_per_job = float(settings.max_batch_rows)  # learned; starts cautious
         self._consumer = self._make_consumer()
         self._streams = SideStreams(self._make_producer(), self.worker_id)
 
@@ -149,7 +150,7 @@ class Worker:
     def _turn(self, draining: bool = False) -> None:
         self._apply_rebalance_events()
         self._flow_control(draining)
-        records = self._consumer.poll(timeout_ms=self._poll_ms(), max_records=500, update_offsets=True)
+        records = self._consumer.poll(timeout_ms=self._poll_ms(), max_records=self._room_in_records())
         self._apply_rebalance_events()  # the listener ran inside poll(): its news first
         for recs in records.values():
             for record in recs:
@@ -176,12 +177,20 @@ class Worker:
             dropped = self._batcher.drop(self._is_current)
             log.info("%s %s; abandoned %d queued jobs uncommitted", kind, sorted(tp.partition for tp in tps), len(dropped))
 
+    def _backlog_rows(self) -> int:
+        """Rows accepted and not yet inferred; a job still loading counts as one batch."""
+        in_flight = self._inference.in_flight + len(self._loads)
+        return self._batcher.pending_rows + in_flight * self.settings.max_batch_rows
+
+    def _room_in_records(self) -> int:
+        """Records one poll may return without overshooting max_pending_rows by much."""
+        room_rows = self.settings.max_pending_rows - self._backlog_rows()
+        return max(1, min(500, int(room_rows / self._rows_per_job)))
+
     def _flow_control(self, draining: bool) -> None:
         # Re-applied every turn: newly assigned partitions start unpaused (FACTS).
         assigned = self._consumer.assignment()
-        inflight_rows = self._inference.in_flight * self.settings.max_batch_rows
-        backlog = self._batcher.pending_rows + inflight_rows + len(self._loads) * self.settings.max_batch_rows
-        if draining or backlog >= self.settings.max_pending_rows:
+        if draining or self._backlog_rows() >= self.settings.max_pending_rows:
             self._consumer.pause(*assigned)
         elif self._consumer.paused():
             self._consumer.resume(*self._consumer.paused())
@@ -205,7 +214,7 @@ class Worker:
                 self._intake.check(job)  # fail fast on model/prefix before reading a file
                 self._loads.append((record, epoch, self._io.submit(self._intake.build, job, record, epoch)))
             else:
-                self._batcher.add(self._intake.build(job, record, epoch))
+                self._add(self._intake.build(job, record, epoch))
         except JobError as err:
             self._dead_letter(record, epoch, err)
 
@@ -217,7 +226,12 @@ class Worker:
                 self._dead_letter(record, epoch, err)
                 continue
             if self._is_current(job):
-                self._batcher.add(job)
+                self._add(job)
+
+    def _add(self, job: PendingJob) -> None:
+        # A running mean of rows per job sizes the next poll (see _room_in_records).
+        self._rows_per_job += (job.rows - self._rows_per_job) * 0.1
+        self._batcher.add(job)
 
     def _feed_inference(self, force: bool) -> None:
         while self._inference.can_take():
@@ -306,11 +320,15 @@ class Worker:
     def _busy(self) -> bool:
         return bool(len(self._batcher) or self._inference.in_flight or self._loads or self._writes or self._acks)
 
+    def _position(self, tp: TopicPartition) -> int:
+        """Our committable position; without records since assignment, the fetch position."""
+        pos = self._tracker.position(tp)
+        return pos if pos is not None else self._consumer.position(tp)
+
     def _drained_for(self, seconds: float) -> bool:
         """Burst mode: nothing in flight and every owned partition read to its end."""
         caught_up = bool(self._owned) and not self._busy() and all(
-            (hw := self._consumer.highwater(tp)) is not None and (self._tracker.position(tp) or 0) >= hw
-            for tp in self._owned
+            (hw := self._consumer.highwater(tp)) is not None and self._position(tp) >= hw for tp in self._owned
         )
         now = time.monotonic()
         if not caught_up:

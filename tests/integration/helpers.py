@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -38,11 +37,13 @@ __all__ = [
     "wait_ok",
     "wait_until",
     "make_topic",
+    "ensure_side_topics",
     "make_jobs",
     "publish",
     "send_raw",
     "job_offsets",
     "expected_embeddings",
+    "job_rows",
     "list_outputs",
     "assert_job_output",
     "assert_committed_to_end",
@@ -261,7 +262,3 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def sigterm(w: WorkerProc) -> None:
-    w.signal(signal.SIGTERM)

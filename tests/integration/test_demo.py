@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -25,13 +26,20 @@ def test_demo_runs_the_whole_loop_and_prints_json(tmp_path):
     env["PYTHONPATH"] = str(REPO_ROOT)
     cmd = [sys.executable, "-m", "spotbatch", "demo", "--model", "tiny", "--rows", "120", "--rows-per-job", "10",
            "--json", "--output", str(out), "--timeout-s", "120"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)
-    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted((out / "logs").glob("*.log"))) \
-        if (out / "logs").exists() else ""
-    where = f"rc={proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-3000:]}\n{logs}"
+    # Own session: if the demo hangs, its workers and broker go down with it (by its pgid).
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        stdout, stderr = proc.communicate(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    logs = "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-3000:]}" for p in sorted(out.glob("logs/*.log")))
+    where = f"rc={proc.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr[-3000:]}\n{logs}"
     assert proc.returncode == 0, where
 
-    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    lines = [line for line in stdout.splitlines() if line.strip()]
     assert len(lines) == 1, where  # exactly one JSON object, nothing else on stdout
     summary = json.loads(lines[0])
     assert (summary["jobs"], summary["rows"], summary["failed"], summary["dlq"]) == (12, 120, 0, 0), summary

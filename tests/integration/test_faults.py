@@ -84,7 +84,11 @@ def test_sigterm_drains_commits_only_durable_jobs_and_exits_zero(kafka_bootstrap
     where = job_offsets(kafka_bootstrap, topic)
     assert len(where) == len(jobs)
 
-    first = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, name="first", burst=False)
+    # A short drain (3 s of it is the final reserve for commit + leave) so that accepted
+    # work is usually abandoned mid-way: the committed positions must still cover only
+    # jobs whose outputs are durable.
+    first = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, name="first", burst=False,
+                         args=["--drain-s", "3.5"])
     wait_until(lambda: list_outputs(out), 60, "the first output file", every_s=0.02, workers=[first])
     first.signal(signal.SIGTERM)
     rc = first.wait(25)

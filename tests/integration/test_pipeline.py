@@ -200,10 +200,6 @@ def test_s3_output_and_s3_input(kafka_bootstrap, s3_endpoint, s3_client, s3_buck
     assert_committed_to_end(kafka_bootstrap, group, topic)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "spotbatch bug: Worker._drained_for treats a partition with no record fetched since "
-    "assignment as position 0 (tracker.position() is None), so --burst never exits when a "
-    "partition's committed offset is already at its log end"))
 def test_burst_worker_exits_when_a_partition_is_already_done(kafka_bootstrap, tmp_path):
     topic, group, out = make_topic(kafka_bootstrap, 2), new_group(), tmp_path / "out"
     done, todo = make_jobs(2, 2, "done"), make_jobs(1, 2, "todo", start=4)
