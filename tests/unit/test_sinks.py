@@ -51,6 +51,16 @@ def test_output_uri_s3():
     assert sink.output_uri("j", "s3://bkt/results/day1") == "s3://bkt/results/day1/j.parquet"
 
 
+def test_relative_output_prefix_is_under_root_wherever_the_worker_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # not the root: a cwd-relative reading would be rejected
+    local, s3 = ParquetSink(str(tmp_path / "data" / "out")), ParquetSink("s3://bkt/results")
+    assert local.output_uri("j", "run-7/") == f"{tmp_path}/data/out/run-7/j.parquet"
+    assert s3.output_uri("j", "run-7") == "s3://bkt/results/run-7/j.parquet"
+    with pytest.raises(JobError) as info:
+        local.output_uri("j", "../escape")
+    assert info.value.code == "output_outside_prefix"
+
+
 @pytest.mark.parametrize("prefix", [
     "/elsewhere", "{root}side", "{root}/../x", "s3://bkt/results", "s3://bkt/outside",
 ])
