@@ -8,7 +8,8 @@ One run measures, on the same corpus (``spotbatch.demo.sample_corpus``) and the 
 batch size:
 
 (a) ``raw_rows_per_s``: ``BatchRunner(get_handler(model), device="cpu").run()`` in this
-    process over the rows in batches of ``--batch-rows``, after
+    process (``--device`` picks another device; the workers get the same one)
+    over the rows in batches of ``--batch-rows``, after
     ``torch.set_num_threads(--torch-threads)``. Model load and one warm-up batch are
     excluded; ``time.perf_counter`` covers every row. With ``--raw-passes 2`` (the
     default) one pass runs before (b) and one right after it, and (a) is all rows
@@ -18,7 +19,7 @@ batch size:
 (b) ``pipeline_rows_per_s``: an embedded broker (Tansu) and a fresh topic; ALL jobs
     (``--rows-per-job`` rows each, inline) are published first; then ONE worker process
     ``python -m spotbatch worker --burst --model M --max-batch-rows B --torch-threads T
-    --session-timeout-ms 6000 --output <tmp>`` is started. rows/s = rows / (t_end - t_start):
+    --device D --session-timeout-ms 6000 --output <tmp>`` is started. rows/s = rows / (t_end - t_start):
 
     * t_start: the timestamp of the worker's first ``assigned [...]`` log line. Model
       load, group join and everything before the assignment are excluded; the first
@@ -111,7 +112,7 @@ def corpus(n: int) -> list[dict]:
 class RawLoop:
     """(a): the model in this process, loaded once; ``measure`` times one pass."""
 
-    def __init__(self, model: str, threads: int) -> None:
+    def __init__(self, model: str, threads: int, device: str) -> None:
         import torch
 
         from spotbatch.models import get_handler
@@ -120,7 +121,7 @@ class RawLoop:
         torch.set_num_threads(threads)
         self.handler = get_handler(model)
         self.params = self.handler.check_params({})  # what the worker passes for a job without params
-        self.runner = BatchRunner(self.handler, device="cpu")
+        self.runner = BatchRunner(self.handler, device=device)
         t0 = time.perf_counter()
         self.runner.load()
         self.load_s = round(time.perf_counter() - t0, 2)
@@ -225,7 +226,8 @@ def run_phase(bootstrap: str, phase: Phase, args: argparse.Namespace, rows: list
     log_path = workdir / f"worker-{phase.name}.log"
     cmd = [sys.executable, "-m", "spotbatch", "worker", "--burst", "--bootstrap", bootstrap, "--topic", topic,
            "--group", group, "--model", args.model, "--max-batch-rows", str(phase.batch_rows),
-           "--torch-threads", str(args.torch_threads), "--session-timeout-ms", "6000", "--output", str(output)]
+           "--torch-threads", str(args.torch_threads), "--device", args.device,
+           "--session-timeout-ms", "6000", "--output", str(output)]
     if args.max_wait_ms is not None:
         cmd += ["--max-wait-ms", str(args.max_wait_ms)]
 
@@ -491,7 +493,7 @@ def build_report(args: argparse.Namespace, raw: dict, batched: dict, unbatched: 
         "peak_rss_mb": {"batched_worker": batched["peak_rss_mb"],
                         "unbatched_worker": unbatched["peak_rss_mb"] if unbatched else None},
         "rows": {"raw": raw["rows"], "batched": batched["rows"], "unbatched": unbatched["rows"] if unbatched else None},
-        "config": {"model": args.model, "batch_rows": args.batch_rows, "rows_per_job": args.rows_per_job,
+        "config": {"model": args.model, "device": args.device, "batch_rows": args.batch_rows, "rows_per_job": args.rows_per_job,
                    "torch_threads": args.torch_threads, "partitions": args.partitions,
                    "max_wait_ms": args.max_wait_ms if args.max_wait_ms is not None else "worker default",
                    "cpus": os.cpu_count(), "python": sys.version.split()[0],
@@ -612,6 +614,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-rows", type=int, default=64)
     ap.add_argument("--rows-per-job", type=int, default=32)
     ap.add_argument("--torch-threads", type=int, default=1)
+    ap.add_argument("--device", default="cpu",
+                    help="device for both (a) and the workers (cpu, cuda, cuda:N, auto); the same on both sides")
     ap.add_argument("--partitions", type=int, default=4, help="partitions of each bench topic")
     ap.add_argument("--max-wait-ms", type=int, default=None, help="worker --max-wait-ms (default: the worker's)")
     ap.add_argument("--timeout-s", type=float, default=600.0, help="per worker")
@@ -630,7 +634,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = corpus(max(args.rows, args.unbatched_rows, args.raw_unbatched_rows))
     main_rows = rows[: args.rows]
     say(f"(a) raw model loop: {args.rows} rows, batch {args.batch_rows}, {args.torch_threads} torch thread(s)")
-    loop = RawLoop(args.model, args.torch_threads)
+    loop = RawLoop(args.model, args.torch_threads, args.device)
     passes = [loop.measure(main_rows, args.batch_rows)]
     say(f"    {passes[0]['rows_per_s']} rows/s")
     workdir = Path(tempfile.mkdtemp(prefix="spotbatch-bench-"))

@@ -1,8 +1,8 @@
 """The inference thread: runs batches beside the consumer-owning thread.
 
-It takes closed batches from a one-slot inbox (so the owner can stage the next
-batch while this one runs) and hands results back through an outbox the owner
-drains. A batch that fails for a reason other than a JobError is retried one
+It takes closed batches from an inbox where the owner stages up to
+``max_in_flight`` of them (so the model never waits for the owner's next loop turn)
+and hands results back through an outbox the owner drains. A batch that fails for a reason other than a JobError is retried one
 segment at a time, so one job's poison row cannot fail its batch-mates.
 """
 
@@ -35,9 +35,10 @@ class BatchResult:
 
 
 class InferenceThread:
-    def __init__(self, run: RunFn) -> None:
+    def __init__(self, run: RunFn, *, max_in_flight: int = 2) -> None:
         self._run = run
-        self._inbox: queue.Queue[Batch | None] = queue.Queue(maxsize=1)
+        self.max_in_flight = max(1, max_in_flight)
+        self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
         self._busy = 0  # batches submitted and not yet returned; owner-thread only
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
@@ -48,7 +49,11 @@ class InferenceThread:
         return self._busy
 
     def can_take(self) -> bool:
-        """One batch running plus one staged keeps the model busy without hoarding rows."""
+        return self._busy < self.max_in_flight
+
+    @property
+    def hungry(self) -> bool:
+        """Fewer than two batches queued: the owner should turn its loop soon."""
         return self._busy < 2
 
     def submit(self, batch: Batch) -> None:
@@ -75,10 +80,8 @@ class InferenceThread:
         return [first, *self.results()]
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        try:
-            self._inbox.put(None, timeout=timeout_s)
-        except queue.Full:
-            return  # a batch is still staged; the daemon thread dies with the process
+        """Stop after the staged batches (the daemon thread dies with the process anyway)."""
+        self._inbox.put(None)
         self._thread.join(timeout_s)
 
     def _loop(self) -> None:

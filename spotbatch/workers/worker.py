@@ -38,7 +38,8 @@ __all__ = ["Worker", "WorkerStats"]
 log = logging.getLogger("spotbatch.worker")
 
 _POLL_IDLE_MS = 100  # FACTS: poll(0) with every partition paused spins a core
-_POLL_BUSY_MS = 20  # short while batches are in flight so the next one is staged in time
+_POLL_HUNGRY_MS = 20  # the model is about to run dry: stage more batches soon
+_POLL_BUSY_MS = 50  # batches are staged; longer turns leave the GIL to inference
 _FINAL_RESERVE_S = 3.0  # of the drain deadline, kept for commit + flush + leave
 
 
@@ -85,7 +86,10 @@ class Worker:
         self._batcher = Batcher(max_batch_rows=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms)
         self._intake = Intake(handler, sink, aliases=(settings.model,))
         self._sink = sink
-        self._inference = InferenceThread(run_batch)
+        # Stage as many closed batches as the backlog allows: a fast model (GPU) must not
+        # wait for the owner's next turn between batches.
+        staged = max(2, settings.max_pending_rows // settings.max_batch_rows)
+        self._inference = InferenceThread(run_batch, max_in_flight=staged)
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
         self._loads: list[tuple[Any, int, Future]] = []  # (record, epoch, future of PendingJob)
         self._writes: list[tuple[PendingJob, float, Future]] = []
@@ -175,7 +179,9 @@ class Worker:
                 self._owned.pop(tp, None)
                 self._tracker.forget(tp)
             dropped = self._batcher.drop(self._is_current)
-            log.info("%s %s; abandoned %d queued jobs uncommitted", kind, sorted(tp.partition for tp in tps), len(dropped))
+            if tps:
+                log.info("%s %s; abandoned %d queued jobs uncommitted", kind,
+                         sorted(tp.partition for tp in tps), len(dropped))
 
     def _backlog_rows(self) -> int:
         """Rows accepted and not yet inferred; a job still loading counts as one batch."""
@@ -197,6 +203,8 @@ class Worker:
         self.metrics.pending_rows.set(self._batcher.pending_rows)
 
     def _poll_ms(self) -> int:
+        if self._inference.in_flight and self._inference.hungry and len(self._batcher):
+            return _POLL_HUNGRY_MS
         if self._inference.in_flight or self._loads or self._writes:
             return _POLL_BUSY_MS
         due = self._batcher.seconds_until_due()
