@@ -7,8 +7,8 @@
     else:
         expected = progress.generation
     progress.record_attempt(me)
-    progress = store.save(progress, expected_generation=expected)  # StaleCheckpoint if
-                                                                   # another worker saved
+    # Raises StaleCheckpoint if another worker saved since we loaded: reload, decide.
+    progress = store.save(progress, expected_generation=expected)
 """
 
 from __future__ import annotations

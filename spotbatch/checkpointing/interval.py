@@ -110,11 +110,11 @@ def _parse(setting: str, max_rows: int) -> tuple[str, float | None]:
     if m := _ROWS_RE.match(text):
         rows = int(m.group(1))
         if not 1 <= rows <= max_rows:
-            raise ValueError(f"checkpoint interval {setting!r}: rows must be 1..{max_rows}")
+            raise ValueError(f"bad checkpoint interval {setting!r}: rows must be 1..{max_rows}; use {_FORMS}")
         return "rows", rows
     if m := _SECONDS_RE.match(text):
         seconds = float(m.group(1))
         if seconds <= 0:
-            raise ValueError(f"checkpoint interval {setting!r}: seconds must be > 0")
+            raise ValueError(f"bad checkpoint interval {setting!r}: seconds must be > 0; use {_FORMS}")
         return "seconds", seconds
     raise ValueError(f"bad checkpoint interval {setting!r}: use {_FORMS}")
