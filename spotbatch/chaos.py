@@ -3,7 +3,7 @@
 Set ``SPOTBATCH_CHAOS=<point>:<n>`` (e.g. ``after_write:3``) and the worker kills
 itself with SIGKILL the n-th time it reaches ``<point>``. Points:
 
-- ``after_write``: a job's output is durable and its offset not yet committed.
+- ``after_write``: an output (a job's, or a part's) is durable; its offset not yet committed.
 - ``after_commit``: offsets were just committed.
 
 Unset (the default), every call is a dictionary lookup and nothing else.

@@ -56,7 +56,11 @@ def worker(
     torch_threads: Optional[int] = typer.Option(None, help="torch.set_num_threads for CPU inference."),
     session_timeout_ms: Optional[int] = typer.Option(None, help="Kafka group session timeout."),
     metrics_port: Optional[int] = typer.Option(None, help="Serve /metrics and /healthz here (0 = off)."),
-    drain_s: Optional[float] = typer.Option(None, help="Seconds to drain after SIGTERM before leaving the group."),
+    drain_s: Optional[float] = typer.Option(None, help="Seconds to drain after a notice/SIGTERM before leaving the group."),
+    notice_source: Optional[str] = typer.Option(None, help="Spot notices: auto, aws, gcp, azure, signal, none."),
+    checkpoint_interval: Optional[str] = typer.Option(None, help="Part size of URI jobs: '5000rows', '60s' or 'auto'."),
+    checkpoint_uri: Optional[str] = typer.Option(None, help="Checkpoint store (default: <output>/_checkpoints)."),
+    max_attempts: Optional[int] = typer.Option(None, help="Attempts finishing no part before a job goes to the DLQ."),
     burst: bool = typer.Option(False, "--burst", help="Exit 0 once caught up with the log end."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
@@ -64,7 +68,9 @@ def worker(
     settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic, group=group, model=model, output=output,
                          max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, device=device, precision=precision,
                          torch_threads=torch_threads, session_timeout_ms=session_timeout_ms,
-                         metrics_port=metrics_port, drain_s=drain_s)
+                         metrics_port=metrics_port, drain_s=drain_s, notice_source=notice_source,
+                         checkpoint_interval=checkpoint_interval, checkpoint_uri=checkpoint_uri,
+                         max_attempts=max_attempts)
     _logging()
     from spotbatch.workers import run_worker  # torch import stays off the other verbs' path
 

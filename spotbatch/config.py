@@ -56,9 +56,26 @@ class Settings(BaseSettings):
     # Outputs: jobs may only write under this prefix (local folder or s3://bucket/prefix).
     output: str = "./spotbatch-output"
 
+    # Checkpoints (URI jobs run in parts; each durable part is checkpointed)
+    checkpoint_uri: str | None = None  # default: <output>/_checkpoints
+    checkpoint_interval: str = "auto"  # "<N>rows", "<N>s", or "auto" (Young's formula)
+    mtbi_s: float = Field(6 * 3600.0, gt=0)  # mean time between interruptions, for "auto"
+    max_attempts: int = Field(3, ge=1)  # attempts that finish no part before the DLQ
+
+    # Preemption
+    # "signal" (SIGTERM/SIGINT, what Kubernetes sends on a node drain) needs no network;
+    # "auto" also polls the cloud metadata endpoint that answers (AWS, GCP, Azure).
+    notice_source: Literal["auto", "aws", "gcp", "azure", "signal", "none"] = "signal"
+    drain_s: float = Field(25.0, gt=0)  # FACTS: design for 25 s (GCP gives 30, AWS 120)
+    usage_topic: str = "spotbatch.usage"
+
     # Operations
     metrics_port: int = Field(0, ge=0, le=65535)
-    drain_s: float = Field(20.0, gt=0)
+
+    def checkpoint_location(self) -> str:
+        from spotbatch.storage import join_uri  # storage imports boto3; keep config light
+
+        return self.checkpoint_uri or join_uri(self.output, "_checkpoints")
 
     @classmethod
     def settings_customise_sources(

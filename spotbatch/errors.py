@@ -19,6 +19,7 @@ ERROR_CODES = {
     "output_outside_prefix": "the output URI is outside the worker's allowed output prefix",
     "row_rejected": "the model rejected an input row",
     "inference_failed": "the model failed on the job's rows (after splitting on OOM)",
+    "too_many_attempts": "workers took the job up repeatedly without finishing any part (poison job)",
 }
 
 

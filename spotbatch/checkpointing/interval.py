@@ -96,6 +96,10 @@ class CheckpointInterval:
             return self.batch_rows  # nothing to convert yet: checkpoint soon and measure
         return self._clamp(math.ceil(tau * rows_per_s))
 
+    def pin_rows(self, rows: int) -> None:
+        """Answer ``rows`` from now on (a rebalance recommendation: checkpoint often)."""
+        self.kind, self.value = "rows", float(self._clamp(rows))
+
     def _clamp(self, rows: int) -> int:
         return max(self.batch_rows, min(self.max_rows, rows))
 

@@ -39,6 +39,7 @@ class AttemptRecord(_Record):
     at: AwareDatetime
     owner: _Owner
     error: Annotated[str, StringConstraints(max_length=2000)] | None = None
+    rows_done: int = Field(0, ge=0)  # the job's progress when this attempt began
 
 
 class Progress(_Record):
@@ -94,10 +95,24 @@ class Progress(_Record):
 
     def record_attempt(self, owner: str, error: str | None = None) -> None:
         """A worker takes the job up (``error``: why the previous try ended, if known)."""
-        entry = AttemptRecord(at=_utcnow(), owner=owner, error=_clip(error))
+        entry = AttemptRecord(at=_utcnow(), owner=owner, error=_clip(error), rows_done=self.rows_done)
         self.attempt_history = [*self.attempt_history, entry][-MAX_ATTEMPT_HISTORY:]
         self.attempts += 1
         self.owner = owner
+
+    def attempts_without_progress(self) -> int:
+        """Trailing attempts that began at today's progress: the previous ones got nowhere.
+
+        A preempted attempt that finished a part does not count, so a long job on a
+        busy spot pool is never mistaken for a poison job; one that kills its worker
+        before any part is durable counts every time.
+        """
+        n = 0
+        for entry in reversed(self.attempt_history):
+            if entry.rows_done != self.rows_done:
+                break
+            n += 1
+        return n
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()

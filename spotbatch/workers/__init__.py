@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import signal
 
 import torch
 
@@ -11,6 +10,7 @@ from spotbatch.config import Settings
 from spotbatch.models import get_handler
 from spotbatch.models.runner import BatchRunner
 from spotbatch.workers.metrics import serve_metrics
+from spotbatch.workers.preemption import Notice, watchers_for
 from spotbatch.workers.sinks import ParquetSink
 from spotbatch.workers.worker import Worker, WorkerStats
 
@@ -31,17 +31,23 @@ def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
 
 
 def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
-    """Run with SIGTERM/SIGINT draining; a second signal abandons in-flight work."""
+    """Run until drained: a spot notice or SIGTERM drains within its deadline; a second
+    signal abandons in-flight work at once (it is redelivered, never lost)."""
     worker = build_worker(settings, burst=burst)
-    signals = {"count": 0}
+    watchers = watchers_for(settings.notice_source)
 
-    def on_signal(signum, _frame) -> None:
-        signals["count"] += 1
-        log.info("%s: draining (%s)", signal.Signals(signum).name, "now" if signals["count"] > 1 else "graceful")
-        worker.request_stop(now=signals["count"] > 1)
+    def on_notice(notice: Notice) -> None:
+        if notice.kind == "rebalance":  # advisory: cut the next URI jobs into small parts
+            log.warning("spot rebalance recommendation (%s): checkpointing every batch from now", notice.source)
+            worker.interval.pin_rows(settings.max_batch_rows)
+            return
+        again = notice.detail.endswith("(again)")
+        log.warning("%s notice from %s (%s): draining%s", notice.kind, notice.source, notice.detail,
+                    " now" if again else "")
+        worker.request_stop(now=again, within_s=notice.deadline_s, reason=f"{notice.source}: {notice.detail}")
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for watcher in watchers:
+        watcher.start(on_notice)
     server = None
     if settings.metrics_port:
         server = serve_metrics(settings.metrics_port, worker.metrics.registry, worker.metrics.healthy)
@@ -49,5 +55,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     try:
         return worker.run()
     finally:
+        for watcher in watchers:  # after the drain: Azure's acknowledgement ends our window
+            watcher.stop()
         if server:
             server.shutdown()

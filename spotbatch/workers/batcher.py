@@ -38,6 +38,8 @@ class PendingJob:
     params_key: str = field(init=False)
     epoch: int = 0  # the partition's ownership epoch when accepted; stale after a revoke
     failed: bool = False
+    parent: Any = None  # the PartedJob this part belongs to (URI jobs), else None
+    part: int | None = None
     _parts: dict[int, Outputs] = field(default_factory=dict)
     _rows_done: int = 0
 
@@ -55,6 +57,11 @@ class PendingJob:
     @property
     def complete(self) -> bool:
         return self._rows_done == self.rows
+
+    @property
+    def rows_inferred(self) -> int:
+        """Rows whose outputs exist only in memory so far (lost if the worker stops now)."""
+        return self._rows_done
 
     def add_part(self, start: int, outputs: Outputs) -> None:
         n = len(next(iter(outputs.values())))

@@ -9,6 +9,7 @@ from spotbatch.inputs import read_rows
 from spotbatch.jobs import InlineInputs, Job
 from spotbatch.models.base import ModelHandler
 from spotbatch.workers.batcher import PendingJob
+from spotbatch.workers.parts import PartPlanner
 from spotbatch.workers.sinks import ParquetSink
 
 __all__ = ["Intake"]
@@ -21,9 +22,11 @@ class Intake:
     can run it on the I/O pool instead of stalling the consumer loop.
     """
 
-    def __init__(self, handler: ModelHandler, sink: ParquetSink, *, aliases: tuple[str, ...] = ()) -> None:
+    def __init__(self, handler: ModelHandler, sink: ParquetSink, *, aliases: tuple[str, ...] = (),
+                 planner: PartPlanner | None = None) -> None:
         self._handler = handler
         self._sink = sink
+        self._planner = planner  # None: URI jobs are written whole, like inline ones
         # The name the operator configured ("torchscript:./m.pt") and the handler's own.
         self._names = {handler.name, *aliases}
 
@@ -41,7 +44,8 @@ class Intake:
             raise JobError("invalid_job", f"params: {exc}") from None
         return self._sink.output_uri(job.job_id, job.output), params
 
-    def build(self, job: Job, record: Any, epoch: int) -> PendingJob:
+    def build(self, job: Job, record: Any, epoch: int) -> list[PendingJob]:
+        """The job's units of work: one for an inline job, its unfinished parts for a URI job."""
         output_uri, params = self.check(job)
         ids, values = self._rows(job)
         for row_id, value in zip(ids, values):
@@ -49,7 +53,9 @@ class Intake:
                 self._handler.check_row(value)
             except ValueError as exc:
                 raise JobError("row_rejected", f"row {row_id!r}: {exc}") from None
-        return PendingJob(job, record, ids, values, output_uri, params, epoch=epoch)
+        if self._planner is not None and self.needs_io(job):
+            return self._planner.plan(job, record, ids, values, params, epoch)
+        return [PendingJob(job, record, ids, values, output_uri, params, epoch=epoch)]
 
     def _rows(self, job: Job) -> tuple[list[str], list[Any]]:
         column = self._handler.input_column

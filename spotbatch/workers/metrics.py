@@ -19,6 +19,8 @@ class WorkerMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.rows = Counter("spotbatch_rows", "Rows inferred", registry=r)
+        self.parts = Counter("spotbatch_parts", "Parts of URI jobs made durable and checkpointed", registry=r)
+        self.rows_lost = Counter("spotbatch_rows_lost", "Inferred rows abandoned by a stop before durable", registry=r)
         self.jobs = Counter("spotbatch_jobs", "Jobs finished, by status", ["status"], registry=r)
         self.errors = Counter("spotbatch_job_errors", "Dead-lettered or failed jobs, by code", ["code"], registry=r)
         self.batch_rows = Histogram("spotbatch_batch_rows", "Rows per model call", buckets=_ROW_BUCKETS, registry=r)

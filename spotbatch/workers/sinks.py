@@ -16,7 +16,9 @@ import pyarrow.parquet as pq
 from spotbatch.errors import JobError
 from spotbatch.storage import ObjectStore, check_under_prefix, join_uri, normalize_uri, store_for
 
-__all__ = ["ParquetSink", "build_table", "read_table"]
+__all__ = ["ParquetSink", "build_table", "read_table", "MANIFEST_NAME"]
+
+MANIFEST_NAME = "_manifest.json"
 
 
 class ParquetSink:
@@ -26,12 +28,32 @@ class ParquetSink:
         self.root = normalize_uri(root)
         self._store = store  # None: pick per URI with store_for (tests inject MemoryStore)
 
-    def output_uri(self, job_id: str, output_prefix: str | None = None, *, part: int | None = None) -> str:
-        """``<prefix or root>/<job_id>[.part-NNNNN].parquet``, checked to lie under root."""
-        prefix = check_under_prefix(self._anchor(output_prefix), self.root) if output_prefix else self.root
-        uri = join_uri(prefix, _object_name(job_id, part))
+    def output_uri(self, job_id: str, output_prefix: str | None = None) -> str:
+        """``<prefix or root>/<job_id>.parquet``, checked to lie under root."""
+        return self._under_root(self._prefix(output_prefix), _safe_name(job_id) + ".parquet")
+
+    def part_uri(self, job_id: str, output_prefix: str | None, part: int) -> str:
+        """A part of a job in parts: ``<prefix or root>/<job_id>/part-NNNNN.parquet``."""
+        if part < 0:
+            raise ValueError(f"part index must be >= 0, got {part}")
+        return self._under_root(self._prefix(output_prefix), f"{_safe_name(job_id)}/part-{part:05d}.parquet")
+
+    def manifest_uri(self, job_id: str, output_prefix: str | None) -> str:
+        """Written last, once every part is durable: its presence means the job is complete."""
+        return self._under_root(self._prefix(output_prefix), f"{_safe_name(job_id)}/{MANIFEST_NAME}")
+
+    def write_bytes(self, uri: str, data: bytes) -> None:
+        self._store_for(uri).write_atomic(uri, data)
+
+    def exists(self, uri: str) -> bool:
+        return self._store_for(uri).exists(uri)
+
+    def _prefix(self, output_prefix: str | None) -> str:
+        return check_under_prefix(self._anchor(output_prefix), self.root) if output_prefix else self.root
+
+    def _under_root(self, prefix: str, name: str) -> str:
         # Checked again after the join, in case an odd id still points somewhere else.
-        return check_under_prefix(uri, self.root)
+        return check_under_prefix(join_uri(prefix, name), self.root)
 
     def _anchor(self, prefix: str) -> str:
         """A relative prefix ("run-7/") means under root, wherever the worker was started."""
@@ -48,14 +70,10 @@ class ParquetSink:
         return self._store if self._store is not None else store_for(uri)
 
 
-def _object_name(job_id: str, part: int | None) -> str:
+def _safe_name(job_id: str) -> str:
     if not job_id or job_id in (".", "..") or any(c in job_id for c in "/\\\x00"):
         raise JobError("invalid_job", f"job id {job_id!r} cannot name an output object")
-    if part is None:
-        return f"{job_id}.parquet"
-    if part < 0:
-        raise ValueError(f"part index must be >= 0, got {part}")
-    return f"{job_id}.part-{part:05d}.parquet"
+    return job_id
 
 
 def build_table(ids: list[str], columns: dict[str, np.ndarray]) -> pa.Table:

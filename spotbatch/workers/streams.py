@@ -47,5 +47,10 @@ class SideStreams:
         body = {"job_id": job_id, "status": status, "worker": self._worker_id, "at": time.time(), **fields}
         return self._producer.send(results_topic(topic), key=key, value=json.dumps(body).encode())
 
+    def usage(self, topic: str, **fields: Any):
+        """A usage record (interruptions, later pool seconds) for the scheduler's cost report."""
+        body = {"worker": self._worker_id, "at": time.time(), **fields}
+        return self._producer.send(topic, key=self._worker_id.encode(), value=json.dumps(body).encode())
+
     def flush(self, timeout_s: float) -> None:
         self._producer.flush(timeout=timeout_s)

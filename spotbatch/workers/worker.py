@@ -26,11 +26,13 @@ from spotbatch import chaos
 from spotbatch.config import Settings
 from spotbatch.errors import JobError
 from spotbatch.jobs import parse_job
+from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, store_for_checkpoints
 from spotbatch.workers.batcher import Batcher, PendingJob
 from spotbatch.workers.inference import BatchResult, InferenceThread
 from spotbatch.workers.intake import Intake
 from spotbatch.workers.metrics import WorkerMetrics
 from spotbatch.workers.offsets import OffsetTracker
+from spotbatch.workers.parts import PartPlanner
 from spotbatch.workers.streams import SideStreams
 
 __all__ = ["Worker", "WorkerStats"]
@@ -72,7 +74,8 @@ class _Listener(ConsumerRebalanceListener):
 
 
 class Worker:
-    def __init__(self, settings: Settings, handler: Any, run_batch: Any, sink: Any, *, burst: bool = False) -> None:
+    def __init__(self, settings: Settings, handler: Any, run_batch: Any, sink: Any, *, burst: bool = False,
+                 checkpoints: CheckpointStore | None = None) -> None:
         self.settings = settings
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics()
@@ -84,7 +87,15 @@ class Worker:
         self._epoch = 0
         self._tracker = OffsetTracker()
         self._batcher = Batcher(max_batch_rows=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms)
-        self._intake = Intake(handler, sink, aliases=(settings.model,))
+        self.interval = CheckpointInterval(settings.checkpoint_interval, batch_rows=settings.max_batch_rows,
+                                           mtbi_s=settings.mtbi_s)
+        self._rows_per_s: float | None = None  # EWMA of inference throughput, sizes parts
+        planner = PartPlanner(checkpoints or store_for_checkpoints(settings.checkpoint_location()), sink,
+                              self.interval, owner=self.worker_id, max_attempts=settings.max_attempts,
+                              rows_per_s=lambda: self._rows_per_s)
+        self._intake = Intake(handler, sink, aliases=(settings.model,), planner=planner)
+        self._live: set[PendingJob] = set()  # accepted units not yet durable or failed
+        self._stop_reason = "stop requested"
         self._sink = sink
         # Stage as many closed batches as the backlog allows: a fast model (GPU) must not
         # wait for the owner's next turn between batches.
@@ -101,9 +112,15 @@ class Worker:
 
     # ---- lifecycle -------------------------------------------------------------
 
-    def request_stop(self, *, now: bool = False) -> None:
-        """Begin draining (signal-safe). ``now`` abandons in-flight work at once."""
-        deadline = time.monotonic() + (0.0 if now else self.settings.drain_s)
+    def request_stop(self, *, now: bool = False, within_s: float | None = None, reason: str = "stop requested") -> None:
+        """Begin draining (signal- and thread-safe). ``now`` abandons in-flight work at once.
+
+        ``within_s``: the time a spot notice leaves; the drain deadline is the sooner
+        of it and ``drain_s``.
+        """
+        budget = self.settings.drain_s if within_s is None else max(0.0, min(self.settings.drain_s, within_s))
+        deadline = time.monotonic() + (0.0 if now else budget)
+        self._stop_reason = reason
         self._stop_at = deadline if self._stop_at is None else min(self._stop_at, deadline)
 
     def run(self) -> WorkerStats:
@@ -133,21 +150,28 @@ class Worker:
         """Leave the group without losing a job; every step shares one deadline.
 
         1. Stop fetching: pause every partition (records already fetched stay unread).
-        2. Finish accepted work: close batches without waiting for max_wait and keep
-           turning until nothing is in flight, or only the final reserve is left.
-        3. Commit what is durable. Unfinished work stays uncommitted: redelivered later.
-        4. Flush the side streams and close the consumer, which leaves the group.
+        2. Drop queued parts of URI jobs: their finished parts are checkpointed, and
+           the next owner resumes after them.
+        3. Finish other accepted work: close batches without waiting for max_wait and
+           keep turning until nothing is in flight, or only the final reserve is left;
+           what does not fit is abandoned (at most the batches in flight).
+        4. Commit what is durable. Unfinished work stays uncommitted: redelivered later.
+        5. Record the interruption (rows lost, drain seconds) on the usage topic.
+        6. Flush the side streams and close the consumer, which leaves the group.
         """
-        deadline = self._stop_at
+        started, deadline = time.monotonic(), self._stop_at
         self._consumer.pause(*self._consumer.assignment())
+        # Queued parts of URI jobs are checkpointed and resumable: leave them at once.
+        self._forget(self._batcher.drop(lambda unit: unit.parent is None))
         while self._busy() and time.monotonic() < deadline - _FINAL_RESERVE_S:
             self._turn(draining=True)
         if self._busy():
             log.warning("drain deadline reached: abandoning %d uncommitted jobs", self._tracker.outstanding())
         self._commit()
+        self._report_interruption(time.monotonic() - started)
         self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
         self._consumer.close(autocommit=False)
-        log.info("worker %s left the group: %s", self.worker_id, self.stats)
+        log.info("worker %s left the group after %.1fs: %s", self.worker_id, time.monotonic() - started, self.stats)
 
     # ---- one turn of the owner loop -------------------------------------------
 
@@ -179,6 +203,7 @@ class Worker:
                 self._owned.pop(tp, None)
                 self._tracker.forget(tp)
             dropped = self._batcher.drop(self._is_current)
+            self._forget(dropped)
             if tps:
                 log.info("%s %s; abandoned %d queued jobs uncommitted", kind,
                          sorted(tp.partition for tp in tps), len(dropped))
@@ -222,24 +247,30 @@ class Worker:
                 self._intake.check(job)  # fail fast on model/prefix before reading a file
                 self._loads.append((record, epoch, self._io.submit(self._intake.build, job, record, epoch)))
             else:
-                self._add(self._intake.build(job, record, epoch))
+                self._add(record, self._intake.build(job, record, epoch))
         except JobError as err:
             self._dead_letter(record, epoch, err)
 
     def _collect_loads(self) -> None:
         for record, epoch, fut in _take_done(self._loads, lambda item: item[2]):
             try:
-                job = fut.result()
+                units = fut.result()
             except JobError as err:
                 self._dead_letter(record, epoch, err)
                 continue
-            if self._is_current(job):
-                self._add(job)
+            if self._owned.get(TopicPartition(record.topic, record.partition)) == epoch:
+                self._add(record, units)
 
-    def _add(self, job: PendingJob) -> None:
+    def _add(self, record: Any, units: list[PendingJob]) -> None:
+        if not units:  # a URI job a previous owner finished: nothing left but the commit
+            log.info("job %s already complete (manifest found); committing", _job_id_of(record))
+            self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
+            return
         # A running mean of rows per job sizes the next poll (see _room_in_records).
-        self._rows_per_job += (job.rows - self._rows_per_job) * 0.1
-        self._batcher.add(job)
+        self._rows_per_job += (sum(u.rows for u in units) - self._rows_per_job) * 0.1
+        for unit in units:
+            self._live.add(unit)
+            self._batcher.add(unit)
 
     def _feed_inference(self, force: bool) -> None:
         while self._inference.can_take():
@@ -253,32 +284,47 @@ class Worker:
             self._account(result)
             for seg, outputs in result.parts:
                 job = seg.job
-                if not self._is_current(job) or job.failed:
+                if not self._is_current(job) or _failed(job):
                     continue
                 job.add_part(seg.start, outputs)
                 if job.complete:
                     self._writes.append((job, time.monotonic(), self._io.submit(self._write, job)))
             for job, err in result.failures:
-                if self._is_current(job) and not job.failed:
+                if self._is_current(job) and not _failed(job):
                     job.failed = True
+                    if job.parent is not None:
+                        job.parent.failed = True
                     self._dead_letter(job.record, job.epoch, err, job.job.job_id)
+                self._live.discard(job)
 
-    def _write(self, job: PendingJob) -> None:
+    def _write(self, job: PendingJob) -> bool:
+        """Make a unit durable (I/O thread); True when its whole job is now complete."""
         self._sink.write(job.output_uri, job.ids, job.outputs())
+        if job.parent is None:
+            return True
+        complete, cost_s = job.parent.part_done(job.part, job.rows)
+        self.interval.observe_cost(cost_s)
+        return complete
 
     def _collect_writes(self) -> None:
         for job, _, fut in _take_done(self._writes, lambda item: item[2]):
-            fut.result()  # an infrastructure fault here stops the worker; nothing is committed
+            self._live.discard(job)
+            complete = fut.result()  # an infrastructure fault raises and stops the worker
+            chaos.reached("after_write")
+            if not complete:  # a part of a URI job: checkpointed, the job goes on
+                self.metrics.parts.inc()
+                continue
             self.stats.jobs_ok += 1
             self.metrics.jobs.labels("ok").inc()
-            seconds = round(time.monotonic() - job.accepted_at, 3)
+            whole = job.parent
+            started = whole.started_at if whole else job.accepted_at
             self._streams.status(
                 job.record.topic, job.job.job_id, status="ok", key=job.record.key,
-                rows=job.rows, seconds=seconds, output=job.output_uri, source=_coords(job.record),
+                rows=whole.rows if whole else job.rows, seconds=round(time.monotonic() - started, 3),
+                output=whole.folder_uri if whole else job.output_uri, source=_coords(job.record),
             )
             if self._is_current(job):
                 self._tracker.done(job.tp, job.record.offset)
-            chaos.reached("after_write")
 
     def _dead_letter(self, record: Any, epoch: int, err: JobError, job_id: str | None = None) -> None:
         log.warning("dead-letter %s partition=%d offset=%d: %s", job_id or "<unparsed>", record.partition, record.offset, err)
@@ -317,10 +363,25 @@ class Worker:
     # ---- helpers ---------------------------------------------------------------
 
     def _account(self, result: BatchResult) -> None:
+        if result.seconds > 0:
+            rate = result.batch.rows / result.seconds
+            self._rows_per_s = rate if self._rows_per_s is None else 0.8 * self._rows_per_s + 0.2 * rate
         self.metrics.batch_rows.observe(result.batch.rows)
         self.metrics.batch_seconds.observe(result.seconds)
         self.metrics.rows.inc(result.batch.rows)
         self.stats.rows += result.batch.rows
+
+    def _forget(self, units: list[PendingJob]) -> None:
+        self._live.difference_update(units)
+
+    def _report_interruption(self, drain_s: float) -> None:
+        """One usage record per stop: what the interruption cost, for the cost report."""
+        lost = sum(unit.rows_inferred for unit in self._live)
+        self.metrics.rows_lost.inc(lost)
+        self._streams.usage(self.settings.usage_topic, kind="interruption", reason=self._stop_reason,
+                            drain_s=round(drain_s, 3), rows_lost=lost, units_abandoned=len(self._live),
+                            rows=self.stats.rows, jobs_ok=self.stats.jobs_ok, jobs_failed=self.stats.jobs_failed)
+        log.info("interruption (%s): drained in %.1fs, %d inferred rows lost", self._stop_reason, drain_s, lost)
 
     def _is_current(self, job: PendingJob) -> bool:
         return self._owned.get(job.tp) == job.epoch
@@ -377,6 +438,10 @@ def _take_done(items: list, future_of, done=lambda f: f.done()) -> list:
     if finished:
         items[:] = [item for item, flag in zip(items, flags) if not flag]
     return finished
+
+
+def _failed(unit: PendingJob) -> bool:
+    return unit.failed or (unit.parent is not None and unit.parent.failed)
 
 
 def _coords(record: Any) -> dict[str, Any]:

@@ -160,10 +160,14 @@ def test_uri_inputs_jsonl_and_parquet(kafka_bootstrap, tmp_path):
     worker = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path)
     wait_ok(worker)
 
-    assert list_outputs(out) == {"uri-jsonl.parquet", "uri-parquet.parquet", "uri-plain-path.parquet"}
-    assert_job_output(pq.read_table(out / "uri-jsonl.parquet"), jsonl_ids, jsonl_texts)
-    assert_job_output(pq.read_table(out / "uri-plain-path.parquet"), jsonl_ids, jsonl_texts)
-    assert_job_output(pq.read_table(out / "uri-parquet.parquet"), [str(i) for i in pq_ids], pq_texts)
+    # URI jobs run in parts: <job_id>/part-NNNNN.parquet + _manifest.json, checkpoints aside.
+    assert list_outputs(out) == {"uri-jsonl", "uri-parquet", "uri-plain-path", "_checkpoints"}
+    for job_id in ("uri-jsonl", "uri-parquet", "uri-plain-path"):
+        assert list_outputs(out / job_id) == {"part-00000.parquet", "_manifest.json"}
+        assert json.loads((out / job_id / "_manifest.json").read_text())["parts"] == ["part-00000.parquet"]
+    assert_job_output(pq.read_table(out / "uri-jsonl"), jsonl_ids, jsonl_texts)
+    assert_job_output(pq.read_table(out / "uri-plain-path"), jsonl_ids, jsonl_texts)
+    assert_job_output(pq.read_table(out / "uri-parquet"), [str(i) for i in pq_ids], pq_texts)
     assert read_all(kafka_bootstrap, dlq_topic(topic)) == []
     assert_committed_to_end(kafka_bootstrap, group, topic)
 
@@ -188,12 +192,13 @@ def test_s3_output_and_s3_input(kafka_bootstrap, s3_endpoint, s3_client, s3_buck
     wait_ok(worker)
 
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])}
-    expected = {f"out/{j.job_id}.parquet" for j in jobs} | {"out/s3-in.parquet", "out/sub/s3-sub.parquet"}
-    assert keys == expected | {"in.parquet"}
+    expected = {f"out/{j.job_id}.parquet" for j in jobs} | {"out/sub/s3-sub.parquet"}
+    parted = {"out/s3-in/part-00000.parquet", "out/s3-in/_manifest.json", "out/_checkpoints/s3-in.json"}
+    assert keys == expected | parted | {"in.parquet"}
     for job in jobs:
         ids, values = job_rows(job)
         assert_job_output(read_table(f"{prefix}/{job.job_id}.parquet"), ids, values)
-    assert_job_output(read_table(f"{prefix}/s3-in.parquet"), in_ids, in_texts)
+    assert_job_output(read_table(f"{prefix}/s3-in/part-00000.parquet"), in_ids, in_texts)
     assert_job_output(read_table(f"{prefix}/sub/s3-sub.parquet"), ["r1", "r2"], ["hello", "world"])
     dead = read_all(kafka_bootstrap, dlq_topic(topic))
     assert [(r.key, dict(r.headers)["spotbatch.error.code"]) for r in dead] == [(b"s3-other-bucket", b"output_outside_prefix")]

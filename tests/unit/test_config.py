@@ -66,7 +66,7 @@ def test_precedence_flags_over_env_over_yaml(yaml_file, monkeypatch):
     assert s.topic == "env-topic"  # env > yaml
     assert s.group == "yaml-group"  # yaml > default
     assert s.max_wait_ms == 7
-    assert s.drain_s == 20.0  # default
+    assert s.drain_s == 25.0  # default
 
 
 def test_precedence_with_env_config(yaml_file, monkeypatch):

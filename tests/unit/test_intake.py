@@ -42,7 +42,7 @@ def _error(intake, job, record) -> JobError:
 
 def test_inline_job_builds(intake, root):
     job, record = _job(params={})
-    pending = intake.build(job, record, epoch=3)
+    (pending,) = intake.build(job, record, epoch=3)
     assert pending.ids == ["r1", "r2"]
     assert pending.values == ["hello", "world"]
     assert pending.output_uri == f"{root}/job-1.parquet"
@@ -55,7 +55,7 @@ def test_inline_job_builds(intake, root):
 
 def test_output_under_the_prefix_is_accepted(intake, root):
     job, record = _job(output=f"{root}/team-a")
-    assert intake.build(job, record, epoch=0).output_uri == f"{root}/team-a/job-1.parquet"
+    assert intake.build(job, record, epoch=0)[0].output_uri == f"{root}/team-a/job-1.parquet"
 
 
 def test_unknown_model(intake):
@@ -105,7 +105,7 @@ def test_jsonl_uri_job_reads_ids_and_values(intake, root, tmp_path):
     ]) + "\n")
     job, record = _job(inputs={"uri": str(path)})
     assert Intake.needs_io(job)
-    pending = intake.build(job, record, epoch=1)
+    (pending,) = intake.build(job, record, epoch=1)
     assert pending.ids == ["1", "b", "3"]
     assert pending.values == ["first", "second", "third"]
     assert pending.output_uri == f"{root}/job-1.parquet"
@@ -116,7 +116,7 @@ def test_jsonl_uri_job_with_named_columns(intake, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"key": "k1", "body": "hi", "text": "not this"}) + "\n")
     job, record = _job(inputs={"uri": f"file://{path}", "id_column": "key", "input_column": "body"})
-    pending = intake.build(job, record, epoch=0)
+    (pending,) = intake.build(job, record, epoch=0)
     assert (pending.ids, pending.values) == (["k1"], ["hi"])
 
 

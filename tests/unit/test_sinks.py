@@ -42,7 +42,8 @@ def test_output_uri_local(tmp_path):
     assert sink.output_uri("job-1") == f"{root}/job-1.parquet"
     assert sink.output_uri("job-1", f"{root}/team/a") == f"{root}/team/a/job-1.parquet"
     assert sink.output_uri("job-1", f"file://{root}/x/../y") == f"{root}/y/job-1.parquet"
-    assert sink.output_uri("job-1", part=3) == f"{root}/job-1.part-00003.parquet"
+    assert sink.part_uri("job-1", None, 3) == f"{root}/job-1/part-00003.parquet"
+    assert sink.manifest_uri("job-1", "team") == f"{root}/team/job-1/_manifest.json"
 
 
 def test_output_uri_s3():

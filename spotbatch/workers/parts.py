@@ -1,0 +1,150 @@
+"""Jobs in parts: URI jobs are cut into parts, each part checkpointed once durable.
+
+Layout of a job in parts (every URI job)::
+
+    <prefix>/<job_id>/part-00000.parquet ... part-NNNNN.parquet
+    <prefix>/<job_id>/_manifest.json          written last: the job is complete
+
+After each part's output is durable, its index goes into the job's checkpoint. A
+preempted job is redelivered (its offset was never committed) and the next owner
+skips the parts its checkpoint lists, so a preemption costs at most the parts in
+flight: one checkpoint interval of rows per part. The part size is fixed by the first
+owner and kept in the checkpoint (as parts_total), so every owner cuts alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, Progress, StaleCheckpoint
+from spotbatch.errors import JobError
+from spotbatch.jobs import Job
+from spotbatch.workers.batcher import PendingJob
+from spotbatch.workers.sinks import ParquetSink
+
+__all__ = ["PartedJob", "PartPlanner", "part_bounds"]
+
+
+def part_bounds(rows: int, parts_total: int, index: int) -> tuple[int, int]:
+    """Rows [start, stop) of part ``index`` when ``rows`` are cut into ``parts_total``."""
+    size = math.ceil(rows / parts_total)
+    return index * size, min(rows, (index + 1) * size)
+
+
+@dataclass(eq=False)
+class PartedJob:
+    """One job in parts: checkpoint bookkeeping shared by its parts' PendingJobs."""
+
+    job: Job
+    record: Any
+    rows: int
+    progress: Progress
+    store: CheckpointStore
+    sink: ParquetSink
+    owner: str
+    started_at: float = field(default_factory=time.monotonic)
+    failed: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def folder_uri(self) -> str:
+        return self.manifest_uri.rsplit("/", 1)[0]
+
+    @property
+    def manifest_uri(self) -> str:
+        return self.sink.manifest_uri(self.job.job_id, self.job.output)
+
+    def part_uri(self, index: int) -> str:
+        return self.sink.part_uri(self.job.job_id, self.job.output, index)
+
+    def bounds(self, index: int) -> tuple[int, int]:
+        return part_bounds(self.rows, self.progress.parts_total, index)
+
+    def part_done(self, index: int, rows: int) -> tuple[bool, float]:
+        """Checkpoint a durable part (I/O thread). Returns (job complete?, save seconds).
+
+        Parts finish on several I/O threads: the lock keeps this worker's saves in
+        order. Another worker holding the same job (a rebalance overlap) bumps the
+        generation under us: reload, merge its parts with ours, and save again; both
+        wrote identical part files, so the union is true.
+        """
+        started = time.perf_counter()
+        with self._lock:
+            while True:
+                self.progress.mark_part_done(index, rows)
+                try:
+                    self.progress = self.store.save(self.progress, expected_generation=self.progress.generation or None)
+                    break
+                except StaleCheckpoint:
+                    self._merge(self.store.load(self.job.job_id))
+            complete = self.progress.complete
+        if complete:
+            self.sink.write_bytes(self.manifest_uri, self._manifest())
+        return complete, time.perf_counter() - started
+
+    def _merge(self, theirs: Progress | None) -> None:
+        if theirs is None:  # deleted under us: start the record afresh, keeping our parts
+            self.progress = self.progress.model_copy(update={"generation": 0})
+            return
+        for i in self.progress.parts_done:
+            start, stop = self.bounds(i)
+            theirs.mark_part_done(i, stop - start)
+        self.progress = theirs
+
+    def _manifest(self) -> bytes:
+        parts = [self.part_uri(i).rsplit("/", 1)[1] for i in range(self.progress.parts_total)]
+        return json.dumps({
+            "job_id": self.job.job_id, "model": self.job.model, "rows": self.rows, "parts": parts,
+            "attempts": self.progress.attempts, "completed_by": self.owner,
+            "source": {"topic": self.record.topic, "partition": self.record.partition, "offset": self.record.offset},
+        }, indent=1).encode()
+
+
+class PartPlanner:
+    """Turns a loaded URI job into the PendingJobs of its unfinished parts (I/O thread)."""
+
+    def __init__(self, store: CheckpointStore, sink: ParquetSink, interval: CheckpointInterval, *,
+                 owner: str, max_attempts: int, rows_per_s: Callable[[], float | None]) -> None:
+        self.store, self.sink, self.interval = store, sink, interval
+        self.owner, self.max_attempts, self._rows_per_s = owner, max_attempts, rows_per_s
+
+    def plan(self, job: Job, record: Any, ids: list[str], values: list[Any], params: dict, epoch: int) -> list[PendingJob]:
+        """The parts still to do; [] when a previous owner already finished the job."""
+        parted = self._take_up(job, record, len(ids))
+        if parted.progress.complete:
+            if not self.sink.exists(parted.manifest_uri):  # died between checkpoint and manifest
+                self.sink.write_bytes(parted.manifest_uri, parted._manifest())  # noqa: SLF001
+            return []
+        pending = []
+        for i in parted.progress.pending_parts():
+            start, stop = parted.bounds(i)
+            pending.append(PendingJob(job, record, ids[start:stop], values[start:stop], parted.part_uri(i), params,
+                                      epoch=epoch, parent=parted, part=i))
+        return pending
+
+    def _take_up(self, job: Job, record: Any, rows: int) -> PartedJob:
+        """Load or create the checkpoint and record this attempt; poison jobs raise."""
+        for _ in range(5):  # another owner may save between our load and save: reload
+            progress = self.store.load(job.job_id)
+            if progress is not None and progress.complete:
+                return PartedJob(job, record, rows, progress, self.store, self.sink, self.owner)
+            if progress is None:
+                part_rows = self.interval.rows(self._rows_per_s())
+                progress = Progress.new(job.job_id, parts_total=max(1, math.ceil(rows / part_rows)), owner=self.owner)
+            progress.record_attempt(self.owner)
+            if progress.attempts_without_progress() > self.max_attempts:
+                self.store.delete(job.job_id)  # a fixed and republished job starts afresh
+                history = "; ".join(f"{a.at:%H:%M:%S} {a.owner}" for a in progress.attempt_history[-self.max_attempts - 1:])
+                raise JobError("too_many_attempts", f"{progress.attempts_without_progress() - 1} attempts finished "
+                               f"no part (limit {self.max_attempts}): {history}")
+            try:
+                saved = self.store.save(progress, expected_generation=progress.generation or None)
+            except StaleCheckpoint:
+                continue
+            return PartedJob(job, record, rows, saved, self.store, self.sink, self.owner)
+        raise RuntimeError(f"checkpoint of {job.job_id} keeps changing under us; is another worker stuck on it?")
