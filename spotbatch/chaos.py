@@ -3,7 +3,8 @@
 Set ``SPOTBATCH_CHAOS=<point>:<n>`` (e.g. ``after_write:3``) and the worker kills
 itself with SIGKILL the n-th time it reaches ``<point>``. Points:
 
-- ``after_write``: an output (a job's, or a part's) is durable; its offset not yet committed.
+- ``after_write``: an output (a job's, or a part's and its checkpoint) is durable; its
+  offset is not committed yet.
 - ``after_commit``: offsets were just committed.
 
 Unset (the default), every call is a dictionary lookup and nothing else.
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import os
 import signal
+import threading
 
 __all__ = ["reached", "POINTS"]
 
@@ -30,11 +32,14 @@ def _parse(spec: str) -> tuple[str, int] | None:
 
 _PLAN = _parse(os.environ.get("SPOTBATCH_CHAOS", ""))
 _seen: dict[str, int] = {}
+_lock = threading.Lock()  # points are reached on the owner and the I/O threads
 
 
 def reached(point: str) -> None:
     if _PLAN is None or _PLAN[0] != point:
         return
-    _seen[point] = _seen.get(point, 0) + 1
-    if _seen[point] >= _PLAN[1]:
+    with _lock:
+        _seen[point] = _seen.get(point, 0) + 1
+        due = _seen[point] >= _PLAN[1]
+    if due:
         os.kill(os.getpid(), signal.SIGKILL)

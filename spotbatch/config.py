@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     # "signal" (SIGTERM/SIGINT, what Kubernetes sends on a node drain) needs no network;
     # "auto" also polls the cloud metadata endpoint that answers (AWS, GCP, Azure).
     notice_source: Literal["auto", "aws", "gcp", "azure", "signal", "none"] = "signal"
+    notice_poll_s: float | None = Field(None, gt=0)  # default: each provider's advice (AWS 5 s)
     drain_s: float = Field(25.0, gt=0)  # FACTS: design for 25 s (GCP gives 30, AWS 120)
     usage_topic: str = "spotbatch.usage"
 

@@ -34,7 +34,7 @@ def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     """Run until drained: a spot notice or SIGTERM drains within its deadline; a second
     signal abandons in-flight work at once (it is redelivered, never lost)."""
     worker = build_worker(settings, burst=burst)
-    watchers = watchers_for(settings.notice_source)
+    watchers = watchers_for(settings.notice_source, interval_s=settings.notice_poll_s)
 
     def on_notice(notice: Notice) -> None:
         if notice.kind == "rebalance":  # advisory: cut the next URI jobs into small parts

@@ -42,6 +42,7 @@ log = logging.getLogger("spotbatch.worker")
 _POLL_IDLE_MS = 100  # FACTS: poll(0) with every partition paused spins a core
 _POLL_HUNGRY_MS = 20  # the model is about to run dry: stage more batches soon
 _POLL_BUSY_MS = 50  # batches are staged; longer turns leave the GIL to inference
+_BURST_DONE = "burst: caught up"  # a planned stop, not an interruption
 _FINAL_RESERVE_S = 3.0  # of the drain deadline, kept for commit + flush + leave
 
 
@@ -132,7 +133,7 @@ class Worker:
                     self._turn()
                     if self._burst and self._drained_for(2.0):
                         log.info("burst mode: caught up with the log end; stopping")
-                        self.request_stop()
+                        self.request_stop(reason=_BURST_DONE)
             except Exception:
                 # An infrastructure fault (output store down, DLQ refused): keep what is
                 # durable, leave the group so others take over, and let the caller exit 1.
@@ -168,7 +169,8 @@ class Worker:
         if self._busy():
             log.warning("drain deadline reached: abandoning %d uncommitted jobs", self._tracker.outstanding())
         self._commit()
-        self._report_interruption(time.monotonic() - started)
+        if self._stop_reason != _BURST_DONE:
+            self._report_interruption(time.monotonic() - started)
         self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
         self._consumer.close(autocommit=False)
         log.info("worker %s left the group after %.1fs: %s", self.worker_id, time.monotonic() - started, self.stats)
@@ -301,16 +303,17 @@ class Worker:
         """Make a unit durable (I/O thread); True when its whole job is now complete."""
         self._sink.write(job.output_uri, job.ids, job.outputs())
         if job.parent is None:
+            chaos.reached("after_write")
             return True
         complete, cost_s = job.parent.part_done(job.part, job.rows)
         self.interval.observe_cost(cost_s)
+        chaos.reached("after_write")
         return complete
 
     def _collect_writes(self) -> None:
         for job, _, fut in _take_done(self._writes, lambda item: item[2]):
             self._live.discard(job)
             complete = fut.result()  # an infrastructure fault raises and stops the worker
-            chaos.reached("after_write")
             if not complete:  # a part of a URI job: checkpointed, the job goes on
                 self.metrics.parts.inc()
                 continue
@@ -327,13 +330,14 @@ class Worker:
                 self._tracker.done(job.tp, job.record.offset)
 
     def _dead_letter(self, record: Any, epoch: int, err: JobError, job_id: str | None = None) -> None:
+        job_id = job_id or _job_id_of(record)
         log.warning("dead-letter %s partition=%d offset=%d: %s", job_id or "<unparsed>", record.partition, record.offset, err)
         self.stats.jobs_failed += 1
         self.metrics.jobs.labels("failed").inc()
         self.metrics.errors.labels(err.code).inc()
         self._acks.append((record, epoch, self._streams.dead_letter(record, err)))
         self._streams.status(
-            record.topic, job_id or _job_id_of(record), status="failed", key=record.key,
+            record.topic, job_id, status="failed", key=record.key,
             error=err.code, reason=err.reason, source=_coords(record),
         )
 
