@@ -22,9 +22,9 @@ from urllib.parse import unquote, urlsplit
 import boto3
 import botocore.config
 import botocore.exceptions
-import tenacity
 
 from spotbatch.errors import JobError
+from spotbatch.retry import retry_policy
 
 __all__ = [
     "Location",
@@ -239,22 +239,11 @@ def _is_transient(exc: BaseException) -> bool:
     return False
 
 
-def _backoff() -> tenacity.wait.wait_base:
-    # tenacity 9.1 renamed "initial" to "multiplier" (the old name now warns); the
-    # project allows any 9.x, so take whichever this install understands.
-    try:
-        return tenacity.wait_exponential_jitter(multiplier=0.1, max=5.0, jitter=0.1)
-    except TypeError:
-        return tenacity.wait_exponential_jitter(initial=0.1, max=5.0, jitter=0.1)
-
-
 # The one S3 retry policy. botocore's own retries are switched off (see _make_client)
 # so attempts do not multiply; everything else (NoSuchKey, AccessDenied) fails at once.
-S3_RETRY = tenacity.retry(
-    stop=tenacity.stop_after_attempt(5),
-    wait=_backoff(),
-    retry=tenacity.retry_if_exception(_is_transient),
-    reraise=True,
+# The budget rides out a ~25 s S3 brownout without restarting the worker.
+S3_RETRY = retry_policy(
+    "s3", retry_if=_is_transient, max_attempts=12, budget_s=30.0, multiplier=0.2, max_wait_s=5.0,
 )
 
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})

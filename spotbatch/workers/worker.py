@@ -26,6 +26,7 @@ from spotbatch import chaos
 from spotbatch.config import Settings
 from spotbatch.errors import JobError
 from spotbatch.jobs import parse_job
+from spotbatch.retry import model_retry
 from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, store_for_checkpoints
 from spotbatch.workers.batcher import Batcher, PendingJob
 from spotbatch.workers.inference import BatchResult, InferenceThread
@@ -101,7 +102,7 @@ class Worker:
         # Stage as many closed batches as the backlog allows: a fast model (GPU) must not
         # wait for the owner's next turn between batches.
         staged = max(2, settings.max_pending_rows // settings.max_batch_rows)
-        self._inference = InferenceThread(run_batch, max_in_flight=staged)
+        self._inference = InferenceThread(model_retry(run_batch), max_in_flight=staged)
         self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
         self._loads: list[tuple[Any, int, Future]] = []  # (record, epoch, future of PendingJob)
         self._writes: list[tuple[PendingJob, float, Future]] = []

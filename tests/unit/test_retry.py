@@ -55,7 +55,7 @@ def _conn_error() -> botocore.exceptions.EndpointConnectionError:
 POLICIES = {
     "kafka": (kafka_retry, lambda: ke.KafkaConnectionError("broker went away"), 6),
     "model": (model_retry, lambda: TransientModelError("weights download timed out"), 3),
-    "storage": (storage_retry, _conn_error, 5),
+    "storage": (storage_retry, _conn_error, 12),
 }
 
 
