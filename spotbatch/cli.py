@@ -158,13 +158,16 @@ def demo(
     partitions: int = typer.Option(4, min=1, help="Partitions of the demo jobs topic."),
     output: str = typer.Option("./spotbatch-demo-output", help="Output folder (emptied first)."),
     timeout_s: float = typer.Option(300.0, help="Give up after this long."),
+    interruptions: int = typer.Option(0, min=0, help="Spot notices to send to random workers during the run."),
+    seed: int = typer.Option(7, help="Seed for which worker gets each notice."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Run the whole loop on this machine: broker, workers, jobs, Parquet outputs."""
     from spotbatch.demo import DemoOptions, run_demo, summary_json
 
     opts = DemoOptions(bootstrap=bootstrap, model=model, rows=rows, rows_per_job=rows_per_job, workers=workers,
-                       partitions=partitions, output=output, timeout_s=timeout_s)
+                       partitions=partitions, output=output, timeout_s=timeout_s, interruptions=interruptions,
+                       seed=seed)
     jobs_total = -(-rows // rows_per_job)
     progress = Progress(TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rows]} rows"),
                         TextColumn("{task.fields[rate]} rows/s"), TextColumn("failed {task.fields[failed]}"),

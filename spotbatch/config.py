@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     session_timeout_ms: int = Field(10_000, ge=1_000)
     max_poll_interval_ms: int = Field(300_000, ge=10_000)
     # Must exceed the largest job message (FACTS: a smaller one stalls the partition).
+    # "auto": leave the group on a clean stop, except on Tansu (see Worker._should_leave).
+    leave_group: Literal["auto", "always", "never"] = "auto"
     max_partition_fetch_bytes: int = Field(16 * 1024 * 1024, ge=1024 * 1024)
 
     # Model and batching

@@ -173,7 +173,7 @@ class Worker:
         if self._stop_reason != _BURST_DONE:
             self._report_interruption(time.monotonic() - started)
         self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
-        self._consumer.close(autocommit=False)
+        _close(self._consumer, leave=self._should_leave())
         log.info("worker %s left the group after %.1fs: %s", self.worker_id, time.monotonic() - started, self.stats)
 
     # ---- one turn of the owner loop -------------------------------------------
@@ -182,8 +182,12 @@ class Worker:
         self._apply_rebalance_events()
         self._flow_control(draining)
         records = self._consumer.poll(timeout_ms=self._poll_ms(), max_records=self._room_in_records())
-        self._apply_rebalance_events()  # the listener ran inside poll(): its news first
-        for recs in records.values():
+        rewound = self._apply_rebalance_events()  # the listener ran inside poll(): its news first
+        for tp, recs in records.items():
+            if tp in rewound:  # fetched from before the rewind: read again from there next turn
+                if rewound[tp] is None:  # no commit to rewind to: these records come first
+                    self._consumer.seek(tp, recs[0].offset)
+                continue
             for record in recs:
                 self._accept(record)
         self._collect_loads()
@@ -194,12 +198,16 @@ class Worker:
         self._commit()
         self.metrics.tick()
 
-    def _apply_rebalance_events(self) -> None:
+    def _apply_rebalance_events(self) -> dict[TopicPartition, int | None]:
+        """Apply the listener's news; returns the partitions assigned now and where each
+        was rewound to (None: no committed offset)."""
+        rewound: dict[TopicPartition, int | None] = {}
         while self._events:
             kind, tps = self._events.pop(0)
             if kind == "assigned":
                 self._epoch += 1
                 self._owned.update({tp: self._epoch for tp in tps})
+                rewound.update(self._rewind(tps))
                 log.info("assigned %s", sorted(tp.partition for tp in tps))
                 continue
             for tp in tps:  # revoked or lost: forget; in-flight results become stale
@@ -210,6 +218,21 @@ class Worker:
             if tps:
                 log.info("%s %s; abandoned %d queued jobs uncommitted", kind,
                          sorted(tp.partition for tp in tps), len(dropped))
+        return rewound
+
+    def _rewind(self, tps: set[TopicPartition]) -> dict[TopicPartition, int | None]:
+        """Start an assigned partition at its committed offset.
+
+        kafka-python keeps the fetch position of a partition that stays assigned across
+        a rebalance, but everything we fetched and had not committed was abandoned at
+        the revoke: without the rewind those records would be skipped, and the next
+        commit would move past them. A job lost that way never comes back.
+        """
+        targets = {tp: self._consumer.committed(tp) for tp in tps}
+        for tp, committed in targets.items():
+            if committed is not None:
+                self._consumer.seek(tp, committed)
+        return targets
 
     def _backlog_rows(self) -> int:
         """Rows accepted and not yet inferred; a job still loading counts as one batch."""
@@ -288,6 +311,7 @@ class Worker:
             for seg, outputs in result.parts:
                 job = seg.job
                 if not self._is_current(job) or _failed(job):
+                    self._live.discard(job)
                     continue
                 job.add_part(seg.start, outputs)
                 if job.complete:
@@ -376,6 +400,15 @@ class Worker:
         self.metrics.rows.inc(result.batch.rows)
         self.stats.rows += result.batch.rows
 
+    def _should_leave(self) -> bool:
+        if self.settings.leave_group != "auto":
+            return self.settings.leave_group == "always"
+        # Measured on Tansu (the embedded broker): a LeaveGroup while another member's
+        # join is pending wedges the group for good; without it, the session timeout
+        # removes us and the group moves on. Real Kafka handles the leave correctly.
+        cluster_id = getattr(getattr(self._consumer, "_client", None), "cluster", None)
+        return getattr(cluster_id, "cluster_id", None) != "tansu_cluster"
+
     def _forget(self, units: list[PendingJob]) -> None:
         self._live.difference_update(units)
 
@@ -443,6 +476,17 @@ def _take_done(items: list, future_of, done=lambda f: f.done()) -> list:
     if finished:
         items[:] = [item for item, flag in zip(items, flags) if not flag]
     return finished
+
+
+def _close(consumer: KafkaConsumer, *, leave: bool) -> None:
+    """Close the consumer; ``leave=False`` skips the LeaveGroup request.
+
+    kafka-python has no public switch for that, so the coordinator's leave step is
+    replaced for this one close. Offsets were committed before (shutdown step 4).
+    """
+    if not leave:
+        consumer._coordinator.maybe_leave_group = lambda *args, **kwargs: None  # noqa: SLF001
+    consumer.close(autocommit=False)
 
 
 def _failed(unit: PendingJob) -> bool:

@@ -167,3 +167,20 @@ def test_metrics_and_healthz(kafka_bootstrap, tmp_path):
     assert _metric(text, "spotbatch_rows_total") == sum(len(j.inputs.rows) for j in jobs)
     assert list_outputs(out) == {f"{j.job_id}.parquet" for j in jobs}
     assert_committed_to_end(kafka_bootstrap, group, topic)
+
+
+def test_rebalance_mid_run_loses_no_job(kafka_bootstrap, tmp_path):
+    """A worker keeps some partitions across a rebalance: the jobs it had fetched and
+    abandoned at the revoke must be fetched again (kafka-python keeps the position)."""
+    topic, group, out = make_topic(kafka_bootstrap, 4), new_group(), tmp_path / "out"
+    jobs = make_jobs(1000, 50, "reb")
+    publish(kafka_bootstrap, topic, jobs)
+    # 50,000 rows in small batches: the first worker still holds fetched jobs at the revoke.
+    slow = ["--max-batch-rows", "16"]
+    first = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, name="first", args=slow)
+    wait_until(lambda: len(list_outputs(out)) >= 40, 60, "first outputs", workers=[first])
+    second = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, name="second", args=slow)
+    wait_ok(first, second)
+    assert "revoked" in (tmp_path / "first.log").read_text()  # a rebalance did happen mid-run
+    assert list_outputs(out) == {f"{j.job_id}.parquet" for j in jobs}
+    assert_committed_to_end(kafka_bootstrap, group, topic)
