@@ -25,6 +25,7 @@ and written to ``chaos-summary.txt`` in the run's tmp folder.
 from __future__ import annotations
 
 import json
+import logging
 import random
 import socket
 import time
@@ -56,7 +57,7 @@ from tests.chaos.harness import (
     table,
     wait_committed,
 )
-from tests.integration.helpers import make_topic, new_group
+from tests.integration.helpers import SESSION_TIMEOUT_MS, make_topic, new_group
 
 pytestmark = pytest.mark.integration
 
@@ -65,10 +66,10 @@ SLOTS = 3
 N_INLINE, N_URI, URI_ROWS = 320, 8, (100, 240)
 CHECKPOINT_ROWS, BATCH_ROWS = 20, 10
 DRAIN_S = 10.0
-PER_KIND = 4  # interruptions of each kind: 12 in all
-GAP_S = (1.5, 3.5)  # between interruptions
-SPREAD_S = 24.0  # jobs trickle in over this long
-RUN_TIMEOUT_S = 150.0
+PER_KIND = 3  # interruptions of each kind: 9 in all
+GAP_S = (1.0, 3.0)  # at least this long between interruptions (then: when allowed, see may_interrupt)
+SESSION_S = SESSION_TIMEOUT_MS / 1000
+RUN_TIMEOUT_S = 180.0
 WORKER_ARGS = ["--checkpoint-interval", f"{CHECKPOINT_ROWS}rows", "--max-batch-rows", str(BATCH_ROWS),
                "--drain-s", str(DRAIN_S)]
 
@@ -102,28 +103,33 @@ class ChaosRun:
 
 def _drive(sup: Supervisor, publisher: TricklePublisher, rng: random.Random, bootstrap: str, topic: str,
            group: str) -> dict:
-    """The supervisor loop: trickle jobs, interrupt on schedule, restart, until all is committed."""
+    """The supervisor loop: interrupt on schedule, restart, release a share of the jobs
+    after each interruption; until every offset is committed."""
     plan = [kind for kind in INTERRUPTIONS for _ in range(PER_KIND)]
     rng.shuffle(plan)
+    share = -(-len(publisher._reserve) // (len(plan) + 1))
     deadline = time.monotonic() + RUN_TIMEOUT_S
     while not all(life.ready for life in sup.current.values()):
         sup.tick()
         if time.monotonic() > deadline:
             raise AssertionError(f"workers never joined\n{sup.describe()}")
         time.sleep(0.1)
+    publisher.release(share)
     next_at = time.monotonic() + rng.uniform(*GAP_S)
     ends, next_check = None, 0.0
     while True:
         now = time.monotonic()
         sup.tick()
         publisher.step(now)
-        if plan and now >= next_at and sup.interrupt(plan[0], rng):
+        if plan and now >= next_at and sup.may_interrupt(plan[0], session_s=SESSION_S) \
+                and sup.interrupt(plan[0], rng):
             plan.pop(0)
+            publisher.release(share)
             next_at = now + rng.uniform(*GAP_S)
-        if publisher.done and ends is None:
+        if not plan and ends is None:
             coords = publisher.finish()
             ends = log_ends_of(coords.values(), PARTITIONS)
-        if ends is not None and not plan and now >= next_check:
+        if ends is not None and now >= next_check:
             next_check = now + 1.0
             got = committed_offsets(bootstrap, group, topic)
             if {p: got.get(p, 0) for p in ends} == ends:
@@ -207,13 +213,17 @@ def chaos(kafka_bootstrap, s3_endpoint, s3_client, tmp_path_factory):
     started = time.monotonic()
     sup = Supervisor(kafka_bootstrap, topic, group, root, tmp, slots=SLOTS, args=WORKER_ARGS,
                      env={"SPOTBATCH_USAGE_TOPIC": usage_topic})
-    publisher = TricklePublisher(kafka_bootstrap, topic, workload.order, spread_s=SPREAD_S)
+    publisher = TricklePublisher(kafka_bootstrap, topic, workload.order)
+    werkzeug = logging.getLogger("werkzeug")  # moto's request log: thousands of lines
+    level = werkzeug.level
+    werkzeug.setLevel(logging.WARNING)
     try:
         sup.start()
         coords = _drive(sup, publisher, rng, kafka_bootstrap, topic, group)
         sup.stop_all(timeout_s=DRAIN_S + 20)
     finally:
         sup.close()
+        werkzeug.setLevel(level)
     elapsed = time.monotonic() - started
 
     objects, versions = _objects(s3_client, bucket)
