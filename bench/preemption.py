@@ -1,48 +1,58 @@
 """Preemption: what a spot interruption costs, and what checkpointing costs.
 
 Run:  .venv/bin/python bench/preemption.py [--json] [--model tiny] [--interruptions 5]
-      [--job-rows 20000] [--overhead-model minilm] [--overhead-rows 1500] [--overhead-runs 2]
-      [--notice-poll-s 0.5] [--keep]
+      [--job-rows 40000] [--notice-poll-s 0.5] [--checkpoint-interval auto]
+      [--leave-group always] [--overhead-model minilm] [--overhead-rows 1200]
+      [--overhead-runs 2] [--keep]
 
 Everything runs against its own embedded broker (Tansu) and real ``spotbatch worker``
 processes; nothing else needs to be running. Two parts:
 
 1. Interruptions (``--interruptions N`` rounds, model ``--model``). Per round: a fresh
    topic (1 partition) and consumer group, and TWO fresh non-burst workers, each with
-   its own fake AWS IMDSv2 server (``tests.fake_metadata.FakeAws``, passed as
+   its own fake AWS IMDSv2 server (``FakeAws`` from spotbatch.fake_metadata, passed as
    ``--notice-source aws`` + ``SPOTBATCH_AWS_METADATA_URL``, polled every
    ``--notice-poll-s`` via ``SPOTBATCH_NOTICE_POLL_S``). Once the group has settled
    (one worker holds partition 0, the other holds nothing, and no rebalance line for
-   1 s), ONE URI job of ``--job-rows`` rows (a JSONL file) is published. The bench
-   polls the job's checkpoint ``<output>/_checkpoints/<job_id>.json`` every 10 ms:
+   0.5 s), ONE URI job of ``--job-rows`` rows (a JSONL file) is published. The bench
+   reads the job's checkpoint ``<output>/_checkpoints/<job_id>.json`` every 10 ms:
    its ``owner`` names the worker that took the job up (A); the other one is B. When
    ``rows_done`` reaches ``--notice-at`` of the job, the bench waits a random
    0..``--notice-jitter-s`` (seeded) and publishes a spot ``terminate`` notice (2 min
    ahead, as AWS does) on A's fake IMDS only: t_notice. Then:
 
-   * drain, notice -> exit: t_notice to the moment ``wait4`` reaps A (the bench polls
-     every 10 ms). Split into detection (t_notice -> A's "notice from aws" log line;
-     bounded by the poll interval) and the rest. ``usage_drain_s`` is A's own figure
-     from its interruption record on ``spotbatch.usage`` (``_shutdown`` start to the
-     usage record: steps 1-5 of the drain, without flush, group leave and exit).
+   * drain, notice -> exit: t_notice to the moment A's process is reaped (the bench
+     polls every 10 ms). Split into detection (t_notice -> A's "notice from aws" log
+     line; bounded by the poll interval), the rest, and the tail after A's "left the
+     group" line (process teardown). ``usage_drain_s`` is A's own figure from its
+     interruption record on ``spotbatch.usage`` (``_shutdown`` start to the usage
+     record: steps 1-5 of the drain, without flush, group leave and exit).
    * rows recomputed: rows A ran through the model whose results never became
      durable, so that someone infers them again. Three views:
        - ``usage_rows_lost``: what A says (``rows_lost`` in its usage record);
        - ``checkpoint``: A's inferred rows (``rows`` in the same record; A is fresh, so
          all of them belong to this job) minus the rows A checkpointed (``rows_done``
-         when A exited minus ``rows_done`` when A took the job up);
+         when B took the job up, from the checkpoint's ``attempt_history``);
        - ``total``: A's inferred rows + B's inferred rows (from B's usage record when
          the bench stops B after the job completed) minus the job's rows: every row
          inferred more than once, whoever redid it. This is the ground truth; the
          checkpoint view equals it when B redoes nothing that A had made durable.
    * resume, notice -> first new part: t_notice to the mtime of the first checkpoint
-     save that shows B as ``owner`` with more parts done than when A exited (the save
-     is an atomic rename of a file just written, so its mtime is the save instant).
-     Split into A's drain (notice -> A exit), the rebalance (A exit -> B's
+     save that shows B as ``owner`` with more rows done than when B took the job up
+     (the save is an atomic rename of a file just written, so its mtime is the save
+     instant). Split into A's drain (notice -> A exit), the rebalance (A exit -> B's
      ``assigned [0]`` log line) and B's first part (assigned -> that checkpoint:
      fetch, read the input file, plan, infer, write, checkpoint).
 
-   Each round is then checked: A and B exit 0; the job is complete (manifest present,
+   The workers run with ``SPOTBATCH_LEAVE_GROUP=--leave-group``. The default here,
+   ``always``, is what the worker's own default (``auto``) does on a real Kafka broker;
+   on Tansu ``auto`` skips the LeaveGroup (a Tansu bug workaround), so B only gets the
+   partition once A's session has expired: run ``--leave-group auto`` to see that.
+
+   Once B has checkpointed its first new part (everything timed is over), the next
+   round's two workers are started, so that they load and join while B finishes the
+   job. Then B gets SIGTERM. After the last round every worker's exit is awaited and
+   each round is checked: A and B exit 0; the job is complete (manifest present,
    ``rows`` = job rows, checkpoint complete) and its offset committed. A failed check
    exits 1 and keeps the work folder with the worker logs.
 
@@ -52,7 +62,8 @@ processes; nothing else needs to be running. Two parts:
    then ONE ``spotbatch worker --burst`` process. rows/s = rows / (t_commit -
    t_assigned), as in bench/pipeline.py: from the worker's ``assigned [0]`` log line
    (model load and group join excluded) to the first committed-offset poll that sees
-   the job committed (polled every 10 ms once the job's manifest exists). Variants:
+   the job committed (polled every 10 ms once the job's manifest exists). The worker
+   gets SIGTERM then (rather than waiting out the 2 s burst idle check). Variants:
 
    * ``checkpointed``: ``--checkpoint-interval auto`` (the default);
    * ``one_part``: ``--checkpoint-interval 1000000rows``: the same job, the same input
@@ -62,12 +73,18 @@ processes; nothing else needs to be running. Two parts:
    ``checkpoint_overhead_ratio`` = rows/s(checkpointed) / rows/s(one_part), each side
    being all rows / all seconds over its runs; target >= 0.95. Why a one-part URI job
    rather than the same rows as inline jobs: inline jobs take another path (rows parsed
-   from the Kafka record on the owner thread, no input file, one output per small job),
-   so their difference from a URI job would mix the cost of that path into the figure.
-   The one-part URI job differs from the checkpointed one in exactly what checkpointing
-   adds: cutting into parts, a Parquet write per part and a checkpoint save per part.
-   (Its one big write at the end is a serial tail that the checkpointed run overlaps
-   with inference; that is a real cost of not checkpointing and stays in.)
+   from the Kafka record on the owner thread, no input file, a status record and an
+   offset per small job), so their difference from a URI job would mix the cost of
+   that path into the figure. The one-part URI job differs from the checkpointed one in
+   exactly what checkpointing adds: cutting into parts, a Parquet write per part and a
+   checkpoint save per part. (Its one big write at the end is a serial tail that the
+   checkpointed run overlaps with inference; that is a real cost of not checkpointing
+   and stays in.)
+
+   Diagnostics per variant, from /proc between ``assigned`` and the commit: the
+   inference thread's (the busiest: ``--torch-threads 1``) seconds runnable but waiting
+   for a core (other processes on a shared machine), rows/s net of that wait, the
+   worker's CPU seconds per 1000 rows, and the extra CPU per extra part.
 
    Note on ``auto``: the part size is fixed when a worker takes a job up, from Young's
    interval and the measured checkpoint cost and throughput. A fresh worker has measured
@@ -95,13 +112,13 @@ import sys
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:  # for tests.fake_metadata (the fake AWS IMDSv2)
+if str(REPO_ROOT) not in sys.path:  # for tests.fake_metadata, where the package has no fakes
     sys.path.append(str(REPO_ROOT))
 
 OVERHEAD_TARGET = 0.95
@@ -110,7 +127,7 @@ _LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
 _CHECKPOINT_POLL_S = 0.010
 _OUTPUT_SCAN_S = 0.020
 _COMMIT_POLL_S = 0.010
-_SETTLE_QUIET_S = 1.0
+_SETTLE_QUIET_S = 0.5
 _ONE_PART = "1000000rows"
 
 
@@ -282,11 +299,11 @@ class Snapshot:
 
 def read_checkpoint(path: Path) -> Snapshot | None:
     try:
-        st = path.stat()
-        doc = json.loads(path.read_bytes())
-    except (FileNotFoundError, ValueError):  # not yet written (writes are atomic renames)
+        with open(path, "rb") as fh:  # fstat + read of one file: mtime and content agree
+            mtime, doc = os.fstat(fh.fileno()).st_mtime, json.loads(fh.read())
+    except (FileNotFoundError, ValueError):  # not yet written (saves are atomic renames)
         return None
-    return Snapshot(time.time(), st.st_mtime, doc["owner"], len(doc["parts_done"]), doc["parts_total"],
+    return Snapshot(time.time(), mtime, doc["owner"], len(doc["parts_done"]), doc["parts_total"],
                     doc["rows_done"], doc["attempts"], doc["complete"],
                     [(h["owner"], h["rows_done"]) for h in doc.get("attempt_history", [])])
 
@@ -337,9 +354,10 @@ def start_pair(n: int, bootstrap: str, args: argparse.Namespace, workdir: Path) 
     if args.drain_s is not None:
         extra += ["--drain-s", str(args.drain_s)]
     fakes = [_fake_aws().__enter__() for _ in range(2)]
+    leave = {"SPOTBATCH_LEAVE_GROUP": args.leave_group}
     workers = [spawn_worker(f"round{n}-w{i}", bootstrap, topic, group, args.model, output, workdir, args, extra,
                             env={"SPOTBATCH_AWS_METADATA_URL": fake.url,
-                                 "SPOTBATCH_NOTICE_POLL_S": str(args.notice_poll_s)},
+                                 "SPOTBATCH_NOTICE_POLL_S": str(args.notice_poll_s), **leave},
                             session_timeout_ms=args.session_timeout_ms)
                for i, fake in enumerate(fakes)]
     return Pair(n, topic, group, output, fakes, workers)
@@ -401,6 +419,10 @@ def interruption_round(pair: Pair, bootstrap: str, args: argparse.Namespace, cor
                 a_fake.notice(action="terminate", in_s=120)  # AWS gives two minutes
                 t_notice = time.time()
                 at_notice = last
+        if snap and b is not None and first_new is None and t_notice is not None and snap.owner == b.worker_id \
+                and snap.rows_done > snap.takeup_rows(b.worker_id):
+            first_new = snap  # B's first part after taking the job up: the timed part is over
+            prepare_next()
         for w in workers:
             w.reap()
         if b is not None and b.exit_code is not None:
@@ -413,10 +435,6 @@ def interruption_round(pair: Pair, bootstrap: str, args: argparse.Namespace, cor
                 if at_exit.complete and at_exit.owner == a.worker_id:
                     raise RuntimeError(f"round {n}: the job finished before the worker left: raise "
                                        f"--job-rows or lower --notice-at / --notice-poll-s")
-            if snap and first_new is None and snap.owner == b.worker_id \
-                    and snap.rows_done > snap.takeup_rows(b.worker_id):
-                first_new = snap  # B's first part after taking the job up
-                prepare_next()
             if snap and snap.complete and (output / job_id / "_manifest.json").exists():
                 break
         time.sleep(_CHECKPOINT_POLL_S)
@@ -676,14 +694,6 @@ def overhead(bootstrap: str, args: argparse.Namespace, corpus: Path, workdir: Pa
 
 # ---- report ---------------------------------------------------------------------------
 
-def _pct(values: list[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100)."""
-    vals = sorted(v for v in values if v is not None)
-    if not vals:
-        return None
-    return vals[max(0, math.ceil(q / 100 * len(vals)) - 1)]
-
-
 def _stats(values: list) -> dict[str, Any]:
     vals = [v for v in values if v is not None]
     if not vals:
@@ -697,6 +707,7 @@ def build_report(args: argparse.Namespace, rounds: list[dict], ovh: dict | None)
         return [r[section][key] for r in rounds]
 
     return {
+        "checkpoint_overhead_ratio": ovh["ratio"] if ovh else None,
         "drain_notice_to_exit_s": _stats(col("drain", "notice_to_exit_s")),
         "drain_usage_drain_s": _stats(col("drain", "usage_drain_s")),
         "drain_notice_to_detected_s": _stats(col("drain", "notice_to_detected_s")),
@@ -716,13 +727,37 @@ def build_report(args: argparse.Namespace, rounds: list[dict], ovh: dict | None)
             "notice_poll_s": args.notice_poll_s, "notice_at": args.notice_at, "notice_jitter_s": args.notice_jitter_s,
             "drain_s": args.drain_s if args.drain_s is not None else "worker default",
             "session_timeout_ms": args.session_timeout_ms or "worker default",
+            "leave_group": args.leave_group,
             "torch_threads": args.torch_threads, "seed": args.seed,
             "overhead_model": args.overhead_model, "overhead_rows": args.overhead_rows,
             "overhead_runs": args.overhead_runs, "cpus": os.cpu_count(), "python": sys.version.split()[0],
             "loadavg_1m_at_start": args.loadavg_start, "loadavg_1m_at_end": _loadavg(),
         },
+        "warnings": _warnings(rounds, ovh),
         "rounds": rounds,
     }
+
+
+def _warnings(rounds: list[dict], ovh: dict | None) -> list[str]:
+    out = []
+    gaps = [r["rows_recomputed"]["total"] - r["rows_recomputed"]["usage_rows_lost"] for r in rounds]
+    if any(g > 0 for g in gaps):
+        out.append(f"the usage record's rows_lost is below the rows actually recomputed in "
+                   f"{sum(g > 0 for g in gaps)}/{len(rounds)} interruptions (by up to {max(gaps)} rows)")
+    if any(r["rows_recomputed"]["checkpoint"] != r["rows_recomputed"]["total"] for r in rounds):
+        out.append("in some rounds the resumer redid rows the interrupted worker had checkpointed")
+    if ovh:
+        share = {}
+        for v in ("checkpointed", "one_part"):
+            mine = [r for r in ovh["runs"] if r["variant"] == v]
+            waits = [r["inference_thread"]["waiting_for_cpu_s"] for r in mine if r["inference_thread"]]
+            if len(waits) == len(mine):
+                share[v] = sum(waits) / sum(r["seconds"] for r in mine)
+        if len(share) == 2 and abs(share["checkpointed"] - share["one_part"]) > 0.05:
+            out.append(f"the inference thread waited for a core {share['checkpointed']:.0%} (checkpointed) vs "
+                       f"{share['one_part']:.0%} (one_part) of the time: other load on the machine differed "
+                       "between the variants; ratio_net_of_cpu_wait is the steadier figure")
+    return out
 
 
 def print_tables(report: dict[str, Any]) -> None:
@@ -786,6 +821,8 @@ def print_tables(report: dict[str, Any]) -> None:
                       f"(target >= {ovh['target']}: {flag}); net of CPU wait {fmt(ovh['ratio_net_of_cpu_wait'])}; "
                       f"extra CPU per part {fmt(ovh['extra_cpu_ms_per_part'])} ms")
     console.print(f"config: {json.dumps(cfg)}")
+    for warning in report["warnings"]:
+        console.print(f"[yellow]warning:[/yellow] {warning}")
 
 
 # ---- main -------------------------------------------------------------------------------
@@ -812,6 +849,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--batch-rows", type=int, default=64, help="worker --max-batch-rows")
     ap.add_argument("--torch-threads", type=int, default=1)
     ap.add_argument("--session-timeout-ms", type=int, default=None, help="worker flag (default: the worker's)")
+    ap.add_argument("--leave-group", choices=("auto", "always", "never"), default="always",
+                    help="workers' SPOTBATCH_LEAVE_GROUP in the rounds. 'always' (default here) is what the "
+                         "worker's 'auto' does on a real Kafka broker; 'auto' skips the LeaveGroup on Tansu, "
+                         "so the resumer waits for the interrupted worker's session to expire")
     ap.add_argument("--overhead-model", default="minilm", help="model of the checkpoint overhead runs")
     ap.add_argument("--overhead-rows", type=int, default=1200, help="rows of the overhead job; 0 skips part 2")
     ap.add_argument("--overhead-runs", type=int, default=2, help="runs of each variant (ABBA order)")

@@ -48,6 +48,7 @@ class Progress(_Record):
     schema_version: Literal[1] = 1  # lets a future layout be told apart on load
     job_id: JobId
     parts_total: int = Field(ge=0)
+    part_rows: int | None = Field(None, ge=1)  # rows per part (the last may be short)
     parts_done: list[int] = Field(default_factory=list)
     rows_done: int = Field(0, ge=0)
     attempts: int = Field(0, ge=0)

@@ -30,9 +30,10 @@ from spotbatch.workers.sinks import ParquetSink
 __all__ = ["PartedJob", "PartPlanner", "part_bounds"]
 
 
-def part_bounds(rows: int, parts_total: int, index: int) -> tuple[int, int]:
-    """Rows [start, stop) of part ``index`` when ``rows`` are cut into ``parts_total``."""
-    size = math.ceil(rows / parts_total)
+def part_bounds(rows: int, parts_total: int, index: int, part_rows: int | None = None) -> tuple[int, int]:
+    """Rows [start, stop) of part ``index``: ``part_rows`` each (so parts line up with
+    batches); checkpoints without it cut ``rows`` into ``parts_total`` equal parts."""
+    size = part_rows or math.ceil(rows / parts_total)
     return index * size, min(rows, (index + 1) * size)
 
 
@@ -63,7 +64,7 @@ class PartedJob:
         return self.sink.part_uri(self.job.job_id, self.job.output, index)
 
     def bounds(self, index: int) -> tuple[int, int]:
-        return part_bounds(self.rows, self.progress.parts_total, index)
+        return part_bounds(self.rows, self.progress.parts_total, index, self.progress.part_rows)
 
     def part_done(self, index: int, rows: int) -> tuple[bool, float]:
         """Checkpoint a durable part (I/O thread). Returns (job complete?, save seconds).
@@ -136,6 +137,7 @@ class PartPlanner:
             if progress is None:
                 part_rows = self.interval.rows(self._rows_per_s())
                 progress = Progress.new(job.job_id, parts_total=max(1, math.ceil(rows / part_rows)), owner=self.owner)
+                progress.part_rows = part_rows
             progress.record_attempt(self.owner)
             if progress.attempts_without_progress() > self.max_attempts:
                 self.store.delete(job.job_id)  # a fixed and republished job starts afresh

@@ -164,7 +164,8 @@ class Worker:
         started, deadline = time.monotonic(), self._stop_at
         self._consumer.pause(*self._consumer.assignment())
         # Queued parts of URI jobs are checkpointed and resumable: leave them at once.
-        self._forget(self._batcher.drop(lambda unit: unit.parent is None))
+        # They stay in _live, so the interruption record counts their inferred rows.
+        self._batcher.drop(lambda unit: unit.parent is None)
         while self._busy() and time.monotonic() < deadline - _FINAL_RESERVE_S:
             self._turn(draining=True)
         if self._busy():
