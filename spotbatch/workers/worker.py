@@ -26,7 +26,7 @@ from spotbatch import chaos
 from spotbatch.config import Settings
 from spotbatch.errors import JobError
 from spotbatch.jobs import parse_job
-from spotbatch.retry import model_retry
+from spotbatch.retry import kafka_retry, model_retry
 from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, store_for_checkpoints
 from spotbatch.workers.batcher import Batcher, PendingJob
 from spotbatch.workers.inference import BatchResult, InferenceThread
@@ -110,6 +110,8 @@ class Worker:
         self._idle_since: float | None = None
         self._rows_per_job = float(settings.max_batch_rows)  # learned; starts cautious
         self._consumer = self._make_consumer()
+        # A broker blip (connection lost, coordinator moving) must not end the worker.
+        self._poll = kafka_retry(self._consumer.poll)
         self._streams = SideStreams(self._make_producer(), self.worker_id)
 
     # ---- lifecycle -------------------------------------------------------------
@@ -182,7 +184,7 @@ class Worker:
     def _turn(self, draining: bool = False) -> None:
         self._apply_rebalance_events()
         self._flow_control(draining)
-        records = self._consumer.poll(timeout_ms=self._poll_ms(), max_records=self._room_in_records())
+        records = self._poll(timeout_ms=self._poll_ms(), max_records=self._room_in_records())
         rewound = self._apply_rebalance_events()  # the listener ran inside poll(): its news first
         for tp, recs in records.items():
             if tp in rewound:  # fetched from before the rewind: read again from there next turn
