@@ -20,6 +20,8 @@ class WorkerMetrics:
         r = self.registry
         self.rows = Counter("spotbatch_rows", "Rows inferred", registry=r)
         self.parts = Counter("spotbatch_parts", "Parts of URI jobs made durable and checkpointed", registry=r)
+        self.part_rows = Gauge("spotbatch_checkpoint_part_rows", "Rows per checkpointed part of the latest URI job",
+                               registry=r)
         self.rows_lost = Counter("spotbatch_rows_lost", "Inferred rows abandoned by a stop before durable", registry=r)
         self.jobs = Counter("spotbatch_jobs", "Jobs finished, by status", ["status"], registry=r)
         self.errors = Counter("spotbatch_job_errors", "Dead-lettered or failed jobs, by code", ["code"], registry=r)

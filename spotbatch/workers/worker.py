@@ -295,6 +295,14 @@ class Worker:
             log.info("job %s already complete (manifest found); committing", _job_id_of(record))
             self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
             return
+        parted = units[0].parent
+        if parted is not None:  # the checkpoint interval this job runs with
+            part_rows = parted.progress.part_rows or units[0].rows
+            self.metrics.part_rows.set(part_rows)
+            tau = self.interval.interval_s()
+            log.info("job %s: %d parts to do of %d, %d rows each (checkpoint interval %s%s)", parted.job.job_id,
+                     len(units), parted.progress.parts_total, part_rows, self.settings.checkpoint_interval,
+                     f" = {tau:.0f}s" if tau else "")
         # A running mean of rows per job sizes the next poll (see _room_in_records).
         self._rows_per_job += (sum(u.rows for u in units) - self._rows_per_job) * 0.1
         for unit in units:
