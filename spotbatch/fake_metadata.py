@@ -15,6 +15,8 @@ connections, never answers) for the failure paths.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import json
 import secrets
 import socket
@@ -49,7 +51,7 @@ class Recorded:
         return {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
 
 
-class _FakeMetadata:
+class _FakeMetadata(ABC):
     def __init__(self) -> None:
         self.requests: list[Recorded] = []
         self.delay_s = 0.0  # answer this much later: a slow or overloaded endpoint
@@ -96,8 +98,9 @@ class _FakeMetadata:
         self._server.shutdown()
         self._server.server_close()
 
+    @abstractmethod
     def _answer(self, method: str, path: str, headers: dict, body: bytes) -> _Answer:
-        raise NotImplementedError
+        """Each provider's own answer."""
 
 
 def _text(status: int, text: str, **headers: str) -> _Answer:

@@ -35,6 +35,8 @@ would either fail or, worse, answer for another machine.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import http.client
 import json
 import logging
@@ -116,7 +118,7 @@ def _seconds_until(when: datetime) -> float:
     return max(0.0, when.timestamp() - time.time())
 
 
-class _PollingWatcher:
+class _PollingWatcher(ABC):
     """One daemon thread: poll, deliver new notices, sleep ``interval_s``; never raises."""
 
     source = ""
@@ -178,8 +180,9 @@ class _PollingWatcher:
                 log.exception("preemption callback failed for %s", notice)
             return True
 
+    @abstractmethod
     def _poll(self) -> Iterator[tuple[object, Notice]]:
-        raise NotImplementedError
+        """Each provider's own answer."""
 
 
 class AwsWatcher(_PollingWatcher):
