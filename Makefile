@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # a bare `torch` requirement would pull a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test chaos bench clean
 
 setup: $(VENV)/.installed
 
@@ -22,6 +22,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+chaos: setup
+	$(PY) -m pytest -q tests/chaos
 
 bench: setup
 	$(PY) bench/pipeline.py

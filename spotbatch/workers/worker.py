@@ -175,7 +175,10 @@ class Worker:
         self._commit()
         if self._stop_reason != _BURST_DONE:
             self._report_interruption(time.monotonic() - started)
-        self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
+        try:  # statuses and usage records are best effort; the drain must still end
+            self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
+        except KafkaError as exc:
+            log.warning("side streams not fully flushed before leaving: %s", exc)
         _close(self._consumer, leave=self._should_leave())
         log.info("worker %s left the group after %.1fs: %s", self.worker_id, time.monotonic() - started, self.stats)
 
