@@ -209,6 +209,17 @@ def broker(port: Optional[int] = typer.Option(None, help="Port to listen on (def
     raise typer.Exit(serve_forever(port))
 
 
+def _register_subcommands() -> None:
+    from spotbatch.scaler.cli import register as register_scaler
+    from spotbatch.scheduler.cli import register as register_scheduler
+
+    register_scaler(app)
+    register_scheduler(app)
+
+
+_register_subcommands()
+
+
 def main() -> None:
     app()
 

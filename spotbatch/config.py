@@ -72,6 +72,12 @@ class Settings(BaseSettings):
     drain_s: float = Field(25.0, gt=0)  # FACTS: design for 25 s (GCP gives 30, AWS 120)
     usage_topic: str = "spotbatch.usage"
 
+    # Usage ledger (the scheduler's cost report); set per pool by the Deployment
+    pool: Literal["spot", "on-demand"] = "spot"
+    instance_type: str = "local"
+    gpu_count: int = Field(0, ge=0)
+    usage_interval_s: float = Field(60.0, gt=0)  # a usage record every N seconds, and one at exit
+
     # Operations
     metrics_port: int = Field(0, ge=0, le=65535)
 

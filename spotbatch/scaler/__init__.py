@@ -1,0 +1,2 @@
+"""Scaling from queue lag: KEDA-exact lag, lag -> replicas, the KEDA external scaler,
+and the local autoscaler for worker processes."""
