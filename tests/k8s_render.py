@@ -1,0 +1,74 @@
+"""Render the kustomize overlays under k8s/ and look objects up in the result.
+
+Shared by tests/unit/test_manifests.py and tests/unit/test_images.py. Rendering uses the
+real `kubectl kustomize` (offline), once per overlay per test session.
+"""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+import yaml
+
+__all__ = [
+    "REPO", "K8S", "KEDA_REF", "OVERLAYS", "HYBRID_OVERLAYS", "cloud_of",
+    "render", "objects", "find", "config_data", "pod_containers", "container_port",
+]
+
+REPO = Path(__file__).resolve().parents[1]
+K8S = REPO / "k8s"
+KEDA_REF = REPO.parent / "shared" / "ref" / "keda"
+OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
+HYBRID_OVERLAYS = [o for o in OVERLAYS if o.endswith("-hybrid")]
+
+Obj = dict[str, Any]
+
+
+def cloud_of(overlay: str) -> str:
+    return overlay.removesuffix("-hybrid")
+
+
+@functools.lru_cache(maxsize=None)
+def render(overlay: str) -> tuple[Obj, ...]:
+    """The objects `kubectl kustomize k8s/overlays/<overlay>` prints (cached)."""
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl is needed to render k8s/ (kustomize runs offline)"
+    proc = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kubectl kustomize {overlay} failed: {proc.stderr.strip()}"
+    return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def objects(overlay: str, kind: str) -> list[Obj]:
+    return [o for o in render(overlay) if o["kind"] == kind]
+
+
+def find(overlay: str, kind: str, name: str, namespace: str | None = None) -> Obj | None:
+    for o in objects(overlay, kind):
+        meta = o["metadata"]
+        if meta["name"] == name and (namespace is None or meta.get("namespace") == namespace):
+            return o
+    return None
+
+
+def config_data(overlay: str) -> dict[str, str]:
+    """The spotbatch-config ConfigMap's data (the SPOTBATCH_* env of every pod)."""
+    cm = find(overlay, "ConfigMap", "spotbatch-config")
+    assert cm is not None, f"{overlay}: no ConfigMap spotbatch-config"
+    return cm["data"]
+
+
+def pod_containers(deployment: Obj) -> Iterator[Obj]:
+    yield from deployment["spec"]["template"]["spec"]["containers"]
+
+
+def container_port(container: Obj, port: int | str) -> int | None:
+    """Resolve a probe/Service port (number or name) to the container's port number."""
+    for p in container.get("ports", []):
+        if port in (p["containerPort"], p.get("name")):
+            return p["containerPort"]
+    return None
