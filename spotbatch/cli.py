@@ -58,6 +58,7 @@ def worker(
     metrics_port: Optional[int] = typer.Option(None, help="Serve /metrics and /healthz here (0 = off)."),
     drain_s: Optional[float] = typer.Option(None, help="Seconds to drain after a notice/SIGTERM before leaving the group."),
     notice_source: Optional[str] = typer.Option(None, help="Spot notices: auto, aws, gcp, azure, signal, none."),
+    rebalance_hold_s: Optional[float] = typer.Option(None, help="After a rebalance recommendation, start no large job for this long."),
     checkpoint_interval: Optional[str] = typer.Option(None, help="Part size of URI jobs: '5000rows', '60s' or 'auto'."),
     checkpoint_uri: Optional[str] = typer.Option(None, help="Checkpoint store (default: <output>/_checkpoints)."),
     max_attempts: Optional[int] = typer.Option(None, help="Attempts finishing no part before a job goes to the DLQ."),
@@ -69,6 +70,7 @@ def worker(
                          max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, device=device, precision=precision,
                          torch_threads=torch_threads, session_timeout_ms=session_timeout_ms,
                          metrics_port=metrics_port, drain_s=drain_s, notice_source=notice_source,
+                         rebalance_hold_s=rebalance_hold_s,
                          checkpoint_interval=checkpoint_interval, checkpoint_uri=checkpoint_uri,
                          max_attempts=max_attempts)
     _logging()
@@ -154,7 +156,10 @@ def demo(
     model: str = typer.Option("minilm", help="Model for the demo jobs."),
     rows: int = typer.Option(2000, min=1, help="Rows in the generated corpus."),
     rows_per_job: int = typer.Option(25, min=1, help="Rows per job."),
-    workers: int = typer.Option(2, min=1, help="Worker processes in the consumer group."),
+    workers: int = typer.Option(2, min=1, help="Most worker processes the autoscaler runs at once."),
+    min_workers: int = typer.Option(0, min=0, help="Fewest workers (0: start from zero and end at zero)."),
+    lag_threshold: int = typer.Option(10, min=1, help="Jobs of lag per worker (KEDA lagThreshold)."),
+    cooldown_s: float = typer.Option(3.0, min=0, help="Seconds without unconsumed jobs before scaling to zero."),
     partitions: int = typer.Option(4, min=1, help="Partitions of the demo jobs topic."),
     output: str = typer.Option("./spotbatch-demo-output", help="Output folder (emptied first)."),
     timeout_s: float = typer.Option(300.0, help="Give up after this long."),
@@ -165,24 +170,30 @@ def demo(
     """Run the whole loop on this machine: broker, workers, jobs, Parquet outputs."""
     from spotbatch.demo import DemoOptions, run_demo, summary_json
 
+    if min_workers > workers:
+        _fail(f"--min-workers {min_workers} is above --workers {workers}; lower --min-workers or raise --workers")
     opts = DemoOptions(bootstrap=bootstrap, model=model, rows=rows, rows_per_job=rows_per_job, workers=workers,
+                       min_workers=min_workers, lag_threshold=lag_threshold, cooldown_s=cooldown_s,
                        partitions=partitions, output=output, timeout_s=timeout_s, interruptions=interruptions,
                        seed=seed)
     jobs_total = -(-rows // rows_per_job)
     progress = Progress(TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rows]} rows"),
                         TextColumn("{task.fields[rate]} rows/s"), TextColumn("failed {task.fields[failed]}"),
+                        TextColumn("workers {task.fields[replicas]} {task.fields[spark]}"),
                         TimeElapsedColumn(), console=err, disable=as_json)
     try:
         with progress:
-            task = progress.add_task("demo", total=jobs_total, rows=0, rate="-", failed=0)
-            started = [None]
+            task = progress.add_task("demo", total=jobs_total, rows=0, rate="-", failed=0, replicas=0, spark="")
+            started, history = [None], _ReplicaHistory(workers)
 
-            def tick(jobs: int, done_rows: int, failed: int) -> None:
+            def tick(jobs: int, done_rows: int, failed: int, replicas: int) -> None:
                 import time
 
                 started[0] = started[0] or time.monotonic()
-                rate = done_rows / max(1e-6, time.monotonic() - started[0])
-                progress.update(task, completed=jobs, rows=done_rows, failed=failed, rate=f"{rate:.0f}")
+                if jobs < jobs_total:  # after the last job only the replicas move (scale to zero)
+                    progress.update(task, rate=f"{done_rows / max(1e-6, time.monotonic() - started[0]):.0f}")
+                progress.update(task, completed=jobs, rows=done_rows, failed=failed, replicas=f"{replicas}/{workers}",
+                                spark=history.add(replicas))
 
             summary = run_demo(opts, tick, log=(lambda _m: None) if as_json else (lambda m: err.print(m, highlight=False)))
     except (TimeoutError, RuntimeError) as exc:
@@ -194,11 +205,39 @@ def demo(
     raise typer.Exit(0 if summary.failed == 0 else 1)
 
 
+class _ReplicaHistory:
+    """Workers over time for the live view: one bar per second, the last 30 seconds."""
+
+    _BARS = "▁▂▃▄▅▆▇█"
+
+    def __init__(self, most: int) -> None:
+        self._most, self._bars, self._second = max(1, most), [], None
+
+    def add(self, replicas: int) -> str:
+        import time
+
+        second = int(time.monotonic())
+        bar = "·" if replicas == 0 else self._BARS[min(7, round(replicas / self._most * 7))]
+        if second == self._second:
+            self._bars[-1] = bar
+        else:
+            self._second = second
+            self._bars = (self._bars + [bar])[-30:]
+        return "".join(self._bars)
+
+
 def _print_summary(summary) -> None:
     table = Table(title="spotbatch demo", show_header=False)
     for key, value in vars(summary).items():
-        table.add_row(key, str(value))
+        if key == "scale_events":  # the list is in --json; here, one line per event is too much
+            value = ", ".join(f"{e['event']} {e['from']}->{e['to']} @{e['t_s']:.0f}s" for e in value) or "none"
+        if key != "cost":
+            table.add_row(key, str(value))
     out.print(table)
+    if getattr(summary, "cost", None):  # the run's cost report (spotbatch scheduler report)
+        from spotbatch.scheduler.report import render_table, report_from_json
+
+        out.print(render_table(report_from_json(summary.cost)))
 
 
 @app.command()

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     notice_source: Literal["auto", "aws", "gcp", "azure", "signal", "none"] = "signal"
     notice_poll_s: float | None = Field(None, gt=0)  # default: each provider's advice (AWS 5 s)
     drain_s: float = Field(25.0, gt=0)  # FACTS: design for 25 s (GCP gives 30, AWS 120)
+    # After an AWS rebalance recommendation: checkpoint every batch, and for this long
+    # leave large (URI) jobs to owners at lower risk. The interruption may never come.
+    rebalance_hold_s: float = Field(300.0, ge=0)
     usage_topic: str = "spotbatch.usage"
 
     # Usage ledger (the scheduler's cost report); set per pool by the Deployment
@@ -77,6 +80,13 @@ class Settings(BaseSettings):
     instance_type: str = "local"
     gpu_count: int = Field(0, ge=0)
     usage_interval_s: float = Field(60.0, gt=0)  # a usage record every N seconds, and one at exit
+
+    # Local autoscaler (`spotbatch scale-local`): KEDA's lagThreshold and cooldownPeriod
+    scale_min_replicas: int = Field(0, ge=0)
+    scale_max_replicas: int = Field(4, ge=1)
+    scale_lag_threshold: int = Field(10, ge=1)
+    scale_cooldown_s: float = Field(30.0, ge=0)  # no unconsumed record this long -> zero
+    scale_poll_s: float = Field(1.0, gt=0)
 
     # Operations
     metrics_port: int = Field(0, ge=0, le=65535)

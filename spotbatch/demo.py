@@ -1,10 +1,12 @@
 """``spotbatch demo``: the whole loop on one machine with embedded parts.
 
-Starts the embedded broker (or uses ``--bootstrap``), creates a jobs topic, starts
-worker processes in one consumer group, publishes a generated corpus as jobs, and
-follows ``<topic>.results`` until every job is accounted for. With ``interruptions``,
-spot notices reach random workers through fake AWS metadata endpoints during the run;
-each drains, exits and is restarted, and the summary tells what that cost.
+Starts the embedded broker (or uses ``--bootstrap``), creates a jobs topic, runs worker
+processes in one consumer group through the local autoscaler (``spotbatch.scaler.local``:
+between ``min_workers`` and ``workers``, from the group's lag), publishes a generated
+corpus as jobs, and follows ``<topic>.results`` until every job is accounted for; with
+``min_workers`` 0 it then waits for the scale to zero. With ``interruptions``, spot
+notices reach random workers through fake AWS metadata endpoints during the run; each
+drains and exits, the autoscaler replaces it, and the summary tells what that cost.
 """
 
 from __future__ import annotations
@@ -13,11 +15,10 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -28,6 +29,7 @@ from spotbatch.embedded import start_or_external
 from spotbatch.fake_metadata import FakeAws
 from spotbatch.kafka_admin import ensure_topics, read_all
 from spotbatch.publish import publish_jobs, rows_to_jobs
+from spotbatch.scaler.local import GroupBacklog, LocalAutoscaler, ScalePolicy, WorkerPool
 from spotbatch.workers.streams import dlq_topic, results_topic
 
 __all__ = ["DemoOptions", "DemoSummary", "run_demo", "sample_corpus"]
@@ -46,7 +48,11 @@ class DemoOptions:
     model: str = "minilm"
     rows: int = 2000
     rows_per_job: int = 25
-    workers: int = 2
+    workers: int = 2  # the most the autoscaler runs at once
+    min_workers: int = 0
+    lag_threshold: int = 10  # jobs of lag per worker (KEDA lagThreshold)
+    cooldown_s: float = 3.0  # no unconsumed job this long: scale to zero
+    poll_s: float = 0.5
     partitions: int = 4
     output: str = "./spotbatch-demo-output"
     timeout_s: float = 300.0
@@ -69,6 +75,9 @@ class DemoSummary:
     interruptions: int = 0
     rows_recomputed: int = 0
     max_drain_s: float = 0.0
+    max_replicas: int = 0
+    scale_events: list[dict] = field(default_factory=list)  # {t_s, event, from, to, lag, unconsumed}
+    cost: dict | None = None  # the cost report of this run (spotbatch.scheduler.report.report_json)
 
 
 def sample_corpus(n: int, seed: int = 7) -> Iterator[dict]:
@@ -79,8 +88,8 @@ def sample_corpus(n: int, seed: int = 7) -> Iterator[dict]:
         yield {"id": f"row-{i:06d}", "text": text}
 
 
-# (jobs_done, rows_done, failed) after each status record
-OnProgress = Callable[[int, int, int], None]
+# (jobs_done, rows_done, failed, running workers) after each status record and poll
+OnProgress = Callable[[int, int, int, int], None]
 
 
 def run_demo(opts: DemoOptions, on_progress: OnProgress | None = None, log=print) -> DemoSummary:
@@ -91,37 +100,66 @@ def run_demo(opts: DemoOptions, on_progress: OnProgress | None = None, log=print
     usage = f"{topic}.usage"
     with start_or_external(opts.bootstrap) as broker:
         ensure_topics(broker.bootstrap, {topic: opts.partitions, results_topic(topic): 1, dlq_topic(topic): 1, usage: 1})
-        fleet = _Fleet(broker.bootstrap, topic, group, usage, opts, output)
-        log(f"broker {broker.bootstrap}; {opts.workers} workers started (model {opts.model}); logs in {output / 'logs'}")
+        fleet = _Fleet(broker.bootstrap, topic, group, usage, opts, output, log)
+        log(f"broker {broker.bootstrap}; autoscaling {opts.min_workers}..{opts.workers} workers (model {opts.model}); "
+            f"logs in {output / 'logs'}")
         try:
             started = time.monotonic()
+            fleet.supervise()  # the minimum starts before the jobs arrive
             jobs, _ = _publish(broker.bootstrap, topic, opts)
             done_rows, failed = _follow(broker.bootstrap, topic, jobs, opts, fleet, on_progress)
             seconds = time.monotonic() - started
+            if opts.min_workers == 0:
+                log(f"all {jobs} jobs done; scaling to zero after {opts.cooldown_s:g}s without unconsumed jobs")
+                fleet.settle(started + opts.timeout_s, lambda n: on_progress(jobs, done_rows, failed, n) if on_progress else None)
         finally:
             fleet.stop()
         dlq = len(read_all(broker.bootstrap, dlq_topic(topic), timeout_s=30))
         drains = [json.loads(r.value) for r in read_all(broker.bootstrap, usage, timeout_s=30)]
+        cost = _cost_report(broker.bootstrap, usage, log)
     spot = [d for d in drains if d.get("kind") == "interruption" and str(d.get("reason", "")).startswith("aws")]
     return DemoSummary(jobs=jobs, rows=done_rows, failed=failed, dlq=dlq, seconds=round(seconds, 2),
                        rows_per_s=round(done_rows / seconds, 1) if seconds else 0.0, output=str(output),
                        workers=opts.workers, model=opts.model, interruptions=len(spot),
                        rows_recomputed=sum(d["rows_lost"] for d in spot),
-                       max_drain_s=max((d["drain_s"] for d in spot), default=0.0))
+                       max_drain_s=max((d["drain_s"] for d in spot), default=0.0), cost=cost,
+                       max_replicas=fleet.scaler.max_replicas, scale_events=fleet.scale_events())
+
+
+def _cost_report(bootstrap: str, usage: str, log) -> dict | None:
+    """The cost report of this run, at illustrative demo prices (the workers' type is "local")."""
+    from spotbatch.scheduler.report import UnpricedError, report_for_demo
+
+    try:
+        return report_for_demo(bootstrap, usage)
+    except UnpricedError as exc:  # SPOTBATCH_INSTANCE_TYPE set in the environment: no demo price
+        log(f"no cost report: {exc}")
+        return None
 
 
 class _Fleet:
-    """The demo's worker processes; with interruptions, each has a fake AWS metadata
-    endpoint, so a spot notice reaches it the way it would on EC2, and is restarted."""
+    """The demo's worker processes, run by the local autoscaler. With interruptions,
+    each worker has a fake AWS metadata endpoint, so a spot notice reaches it the way it
+    would on EC2; it drains and exits, and the autoscaler replaces it while work remains.
+    Any other exit the autoscaler did not ask for ends the demo."""
 
-    def __init__(self, bootstrap: str, topic: str, group: str, usage: str, opts: DemoOptions, output: Path) -> None:
+    def __init__(self, bootstrap: str, topic: str, group: str, usage: str, opts: DemoOptions, output: Path,
+                 log: Callable[[str], None]) -> None:
         self._args = (bootstrap, topic, group, usage, opts, output)
         self._rng = random.Random(opts.seed)
-        self._started = 0
-        self.slots: list[tuple[subprocess.Popen, FakeAws | None]] = [self._start() for _ in range(opts.workers)]
+        self._fakes: dict[int, FakeAws] = {}
+        self._next_poll = 0.0
         self.notices_sent = 0
+        self._observe = GroupBacklog(bootstrap, group, topic, lag_threshold=opts.lag_threshold)
+        policy = ScalePolicy(min_replicas=opts.min_workers, max_replicas=opts.workers,
+                             lag_threshold=opts.lag_threshold, cooldown_s=opts.cooldown_s)
+        self.scaler = LocalAutoscaler(observe=self._observe, pool=WorkerPool(self, drain_s=_DRAIN_S), policy=policy,
+                                      poll_s=opts.poll_s, early_exit_s=opts.timeout_s, max_early_exits=1,
+                                      on_event=lambda e: e.event in _SCALE_KINDS and log(e.line()))
 
-    def _start(self) -> tuple[subprocess.Popen, FakeAws | None]:
+    # -- the autoscaler's Launcher --
+
+    def start(self, index: int) -> subprocess.Popen:
         bootstrap, topic, group, usage, opts, output = self._args
         fake = FakeAws().__enter__() if opts.interruptions else None
         cmd = [sys.executable, "-m", "spotbatch", "worker", "--bootstrap", bootstrap, "--topic", topic, "--group", group,
@@ -129,40 +167,57 @@ class _Fleet:
                "--session-timeout-ms", "6000", "--notice-source", "aws" if fake else "signal"]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "SPOTBATCH_USAGE_TOPIC": usage}
         if fake:
+            self._fakes[index] = fake
             env.update(SPOTBATCH_AWS_METADATA_URL=fake.url, SPOTBATCH_NOTICE_POLL_S="0.2")
-        log_file = open(output / "logs" / f"worker-{self._started}.log", "wb")  # noqa: SIM115 - owned by the child
-        self._started += 1
-        return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env), fake
+        # Same process group as the demo: if the demo is killed, its workers go with it.
+        with open(output / "logs" / f"worker-{index}.log", "wb") as log_file:
+            return subprocess.Popen(cmd, stdout=log_file, stderr=subprocess.STDOUT, env=env)
+
+    def release(self, index: int) -> None:
+        fake = self._fakes.pop(index, None)
+        if fake is not None:
+            fake.__exit__(None, None, None)
+
+    # -- the demo's side --
+
+    @property
+    def replicas(self) -> int:
+        return len(self.scaler.pool.running)
 
     def interrupt_one(self) -> None:
         """A spot notice (2 minutes' warning, as AWS gives) to a random running worker."""
-        live = [i for i, (p, fake) in enumerate(self.slots) if p.poll() is None and fake is not None]
+        live = [slot.index for slot in self.scaler.pool.running if slot.index in self._fakes]
         if live:
-            self.slots[self._rng.choice(live)][1].notice(action="terminate", in_s=120)
+            self._fakes[self._rng.choice(live)].notice(action="terminate", in_s=120)
             self.notices_sent += 1
 
     def supervise(self) -> None:
-        """Restart workers that drained after a notice; any other exit is an error."""
-        for i, (proc, fake) in enumerate(self.slots):
-            if proc.poll() is None:
-                continue
-            if fake is None or proc.returncode != 0:
-                raise RuntimeError(f"worker {i} exited with {proc.returncode}; see its log under the output folder's logs/")
-            fake.__exit__(None, None, None)
-            self.slots[i] = self._start()
+        """One autoscaler poll when one is due: scale from lag, replace drained workers."""
+        if time.monotonic() >= self._next_poll:
+            self._next_poll = time.monotonic() + self.scaler.poll_s
+            self.scaler.step()
 
-    def stop(self, grace_s: float = 30.0) -> None:
-        for proc, _ in self.slots:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc, fake in self.slots:
-            try:
-                proc.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if fake is not None:
-                fake.__exit__(None, None, None)
+    def settle(self, deadline: float, on_replicas: Callable[[int], None]) -> None:
+        """Keep polling until the autoscaler has scaled to zero (or the demo's deadline)."""
+        while not self.scaler.done() and time.monotonic() < deadline:
+            self.supervise()
+            on_replicas(self.replicas)
+            time.sleep(0.1)
+
+    def scale_events(self) -> list[dict]:
+        return [{"t_s": e.t_s, "event": e.event, "from": e.replicas_from, "to": e.replicas_to, "lag": e.lag,
+                 "unconsumed": e.unconsumed} for e in self.scaler.events if e.event in _SCALE_KINDS]
+
+    def stop(self) -> None:
+        """Stop every worker (SIGTERM: each drains, as on a scale-in)."""
+        try:
+            self.scaler.close()
+        finally:
+            self._observe.close()
+
+
+_DRAIN_S = 25.0  # the workers' default drain_s; SIGKILL a few seconds after it
+_SCALE_KINDS = ("scale_out", "scale_in", "scale_to_zero", "replace")
 
 
 def _publish(bootstrap: str, topic: str, opts: DemoOptions) -> tuple[int, int]:
@@ -201,7 +256,7 @@ def _follow(bootstrap: str, topic: str, jobs: int, opts: DemoOptions, fleet: _Fl
                     status = json.loads(rec.value)
                     seen[status["job_id"] or f"?{rec.offset}"] = status
             if on_progress:
-                on_progress(*_tally(seen))
+                on_progress(*_tally(seen), fleet.replicas)
     finally:
         reader.close()
     _, rows, failed = _tally(seen)

@@ -6,8 +6,9 @@ client and closes it before returning.
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from kafka import KafkaConsumer, TopicPartition
@@ -26,10 +27,14 @@ __all__ = [
     "committed_offsets",
     "log_end_offsets",
     "read_all",
+    "OffsetReader",
 ]
 
 _REQUEST_TIMEOUT_MS = 10_000
 _POLL_MS = 100
+# The offset reader fetches only for the high watermark: a broker that has nothing new
+# holds an empty fetch this long, so keep it short.
+_OFFSETS_FETCH_WAIT_MS = 5
 
 
 def ensure_topics(bootstrap: str, topics: Mapping[str, int], *,
@@ -68,7 +73,75 @@ def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
 def log_end_offsets(bootstrap: str, topic: str, *, timeout_s: float = 10.0) -> dict[int, int]:
     """{partition: true log-end offset} (the offset the next record will get)."""
     with _reader(bootstrap) as consumer:
-        return _true_log_ends(consumer, _partitions(consumer, topic), timeout_s)
+        ends = _true_log_ends(consumer, _partitions(consumer, topic), timeout_s)
+    return {tp.partition: end for tp, end in ends.items()}
+
+
+class OffsetReader:
+    """A long-lived admin client + groupless reader for polling group offsets.
+
+    For callers that ask often (the scaler): one connection per bootstrap instead of a
+    new client per question. Thread-safe (a lock around each call: kafka-python
+    clients are not).
+    """
+
+    def __init__(self, bootstrap: str, *, timeout_s: float = 10.0) -> None:
+        self.bootstrap = bootstrap
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="spotbatch-offsets",
+                                       request_timeout_ms=_REQUEST_TIMEOUT_MS)
+        self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="spotbatch-offsets",
+                                       group_id=None, enable_auto_commit=False,
+                                       auto_offset_reset="earliest", fetch_max_wait_ms=_OFFSETS_FETCH_WAIT_MS,
+                                       request_timeout_ms=_REQUEST_TIMEOUT_MS)
+
+    def group_committed(self, group: str) -> dict[tuple[str, int], int]:
+        """{(topic, partition): committed offset} over every topic; -1 where none."""
+        with self._lock:
+            offsets = self._admin.list_group_offsets(group).get(group, {})
+        return {(tp.topic, tp.partition): meta.offset for tp, meta in offsets.items()}
+
+    def group_known(self, group: str) -> bool:
+        """Whether the broker knows the group (members or committed offsets)."""
+        with self._lock:
+            listed = self._admin.list_groups()
+        return any(g.get("group_id") == group for g in listed)
+
+    def log_ends(self, topics: Iterable[str]) -> dict[tuple[str, int], int]:
+        """{(topic, partition): true log-end offset}; UnknownTopicOrPartitionError if a
+        topic does not exist."""
+        with self._lock:
+            tps = [tp for t in sorted(set(topics)) for tp in _partitions(self._consumer, t)]
+            if not tps:
+                return {}
+            self._consumer.assign([])  # fresh partition state: no stale high watermark
+            ends = _true_log_ends(self._consumer, tps, self._timeout_s)
+            self._consumer.assign([])
+        return {(tp.topic, tp.partition): ends[tp] for tp in tps}
+
+    def read_ranges(self, ranges: Mapping[tuple[str, int], tuple[int, int]]) -> list[ConsumerRecord]:
+        """Records of each (topic, partition) in [start, end), sorted; ends must not
+        lie beyond the log end (take them from ``log_ends``)."""
+        wanted = {TopicPartition(t, p): se for (t, p), se in ranges.items() if se[0] < se[1]}
+        if not wanted:
+            return []
+        with self._lock:
+            self._consumer.assign([])
+            self._consumer.assign(list(wanted))
+            for tp, (start, _) in wanted.items():
+                self._consumer.seek(tp, start)
+            deadline = time.monotonic() + self._timeout_s
+            records = _read_until(self._consumer, {tp: end for tp, (_, end) in wanted.items()}, deadline)
+            self._consumer.assign([])
+        # A fetch may start at a batch's base offset (Tansu): keep only the range asked.
+        return sorted((r for r in records if r.offset >= wanted[TopicPartition(r.topic, r.partition)][0]),
+                      key=lambda r: (r.topic, r.partition, r.offset))
+
+    def close(self) -> None:
+        with self._lock:
+            self._consumer.close()
+            self._admin.close()
 
 
 def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[ConsumerRecord]:
@@ -80,7 +153,7 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Consum
         tps = _partitions(consumer, topic)
         ends = _true_log_ends(consumer, tps, timeout_s)
         consumer.seek_to_beginning(*tps)
-        records = _read_until(consumer, {tp: ends[tp.partition] for tp in tps}, deadline)
+        records = _read_until(consumer, ends, deadline)
     return sorted(records, key=lambda r: (r.partition, r.offset))
 
 
@@ -178,7 +251,7 @@ def _true_log_ends(consumer: KafkaConsumer, tps: list[TopicPartition],
         if time.monotonic() > deadline:
             raise KafkaTimeoutError(f"no fetch response for {tps} in {timeout_s:g}s")
         consumer.poll(timeout_ms=_POLL_MS)  # records are dropped: we want the watermark
-    return {tp.partition: consumer.highwater(tp) for tp in tps}
+    return {tp: consumer.highwater(tp) for tp in tps}
 
 
 def _read_until(consumer: KafkaConsumer, ends: dict[TopicPartition, int],

@@ -40,6 +40,7 @@ class AttemptRecord(_Record):
     owner: _Owner
     error: Annotated[str, StringConstraints(max_length=2000)] | None = None
     rows_done: int = Field(0, ge=0)  # the job's progress when this attempt began
+    released: bool = False  # ended by a drain (a notice or SIGTERM): no sign of a poison job
 
 
 class Progress(_Record):
@@ -112,8 +113,17 @@ class Progress(_Record):
         for entry in reversed(self.attempt_history):
             if entry.rows_done != self.rows_done:
                 break
-            n += 1
+            n += not entry.released
         return n
+
+    def release_attempt(self, owner: str) -> None:
+        """``owner``'s latest attempt ended in a drain: it does not count as a failure."""
+        for i in range(len(self.attempt_history) - 1, -1, -1):
+            if self.attempt_history[i].owner == owner:
+                history = list(self.attempt_history)
+                history[i] = history[i].model_copy(update={"released": True})
+                self.attempt_history = history
+                return
 
     def to_json(self) -> bytes:
         return self.model_dump_json().encode()

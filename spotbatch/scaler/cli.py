@@ -6,6 +6,10 @@ Keep imports of heavy modules (grpc, kafka) inside the command bodies: ``spotbat
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+from typing import Optional
+
 import typer
 
 __all__ = ["register"]
@@ -16,3 +20,193 @@ scaler_app = typer.Typer(no_args_is_help=True, help="KEDA external scaler.")
 def register(app: typer.Typer) -> None:
     """Attach this module's verbs to the main app."""
     app.add_typer(scaler_app, name="scaler")
+    app.command("scale-local")(scale_local)
+    app.command("lag")(lag)
+    scaler_app.command("serve")(serve)
+
+
+# Worker flags scale-local passes through to every `spotbatch worker` it starts.
+_WORKER_FLAGS = ("model", "output", "device", "precision", "torch_threads", "max_batch_rows", "max_wait_ms",
+                 "session_timeout_ms", "drain_s", "notice_source", "checkpoint_interval", "checkpoint_uri")
+
+
+def scale_local(
+    bootstrap: Optional[str] = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP]."),
+    topic: Optional[str] = typer.Option(None, help="Jobs topic [env SPOTBATCH_TOPIC]."),
+    group: Optional[str] = typer.Option(None, help="Consumer group of the workers [env SPOTBATCH_GROUP]."),
+    min_replicas: Optional[int] = typer.Option(None, "--min", "--scale-min-replicas", help="Fewest workers (0 = scale to zero). Default 0."),
+    max_replicas: Optional[int] = typer.Option(None, "--max", "--scale-max-replicas", help="Most workers. Default 4."),
+    lag_threshold: Optional[int] = typer.Option(None, "--lag-threshold", "--scale-lag-threshold", help="Records of lag per worker (KEDA lagThreshold). Default 10."),
+    cooldown_s: Optional[float] = typer.Option(None, "--cooldown-s", "--scale-cooldown-s", help="Seconds with no unconsumed record before scaling to zero; also the scale-in window. Default 30."),
+    poll_s: Optional[float] = typer.Option(None, "--poll-s", "--scale-poll-s", help="Seconds between lag polls. Default 1."),
+    model: Optional[str] = typer.Option(None, help="Workers' model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH."),
+    output: Optional[str] = typer.Option(None, help="Workers' output prefix: a folder or s3://bucket/prefix."),
+    device: Optional[str] = typer.Option(None, help="Workers' device: auto, cpu, cuda, cuda:N."),
+    precision: Optional[str] = typer.Option(None, help="Workers' precision: auto, fp32, bf16, fp16."),
+    torch_threads: Optional[int] = typer.Option(None, help="torch threads per worker."),
+    max_batch_rows: Optional[int] = typer.Option(None, help="Workers close a batch at this many rows."),
+    max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long."),
+    session_timeout_ms: Optional[int] = typer.Option(None, help="Workers' group session timeout."),
+    drain_s: Optional[float] = typer.Option(None, help="Workers' drain deadline after SIGTERM; SIGKILL a few seconds later."),
+    notice_source: Optional[str] = typer.Option(None, help="Workers' spot notices: auto, aws, gcp, azure, signal, none."),
+    checkpoint_interval: Optional[str] = typer.Option(None, help="Workers' part size of URI jobs."),
+    checkpoint_uri: Optional[str] = typer.Option(None, help="Workers' checkpoint store."),
+    log_dir: Optional[Path] = typer.Option(None, help="Write each worker's log to DIR/worker-<n>.log (default: this stderr)."),
+    once: bool = typer.Option(False, "--once", help="Exit once the backlog is done and the cooldown has passed."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report (events, replicas over time) as JSON on exit."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]; workers get it too."),
+) -> None:
+    """Run `spotbatch worker` processes between --min and --max from the group's lag (KEDA + HPA rules)."""
+    from spotbatch.cli import _fail, _logging, _settings
+
+    flags = dict(model=model, output=output, device=device, precision=precision, torch_threads=torch_threads,
+                 max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, session_timeout_ms=session_timeout_ms,
+                 drain_s=drain_s, notice_source=notice_source, checkpoint_interval=checkpoint_interval,
+                 checkpoint_uri=checkpoint_uri)
+    settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic, group=group, scale_min_replicas=min_replicas,
+                         scale_max_replicas=max_replicas, scale_lag_threshold=lag_threshold,
+                         scale_cooldown_s=cooldown_s, scale_poll_s=poll_s, **flags)
+    _logging()
+    from spotbatch.scaler.local import run_scale_local
+
+    args = ["--bootstrap", settings.kafka_bootstrap, "--topic", settings.topic, "--group", settings.group]
+    args += [part for key in _WORKER_FLAGS if flags[key] is not None
+             for part in (f"--{key.replace('_', '-')}", str(flags[key]))]
+    args += ["--config", str(config)] if config else []
+    try:
+        report = run_scale_local(settings, worker_args=args, log_dir=log_dir, once=once)
+    except ValueError as exc:  # bad --min/--max, unknown topic (LagError), crash loop
+        _fail(str(exc))
+    except RuntimeError as exc:
+        _fail(str(exc), code=1)
+    if as_json:
+        print(report.to_json())
+    else:
+        typer.echo(f"scale-local: {report.workers_started} workers started, at most {report.max_replicas} at once, "
+                   f"{sum(e['event'] in _SCALES for e in report.scale_events)} scale events in {report.seconds:.0f}s",
+                   err=True)
+
+
+_SCALES = ("scale_out", "scale_in", "scale_to_zero", "replace")
+
+
+def lag(
+    group: str = typer.Option(..., "--group", help="Consumer group to measure."),
+    topic: Optional[str] = typer.Option(None, "--topic", help="Topic (default: every topic the group has committed offsets for)."),
+    bootstrap: Optional[str] = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP]."),
+    lag_threshold: int = typer.Option(10, "--lag-threshold", help="KEDA lagThreshold: records per replica."),
+    activation_lag_threshold: int = typer.Option(0, "--activation-lag-threshold", help="KEDA activationLagThreshold."),
+    offset_reset_policy: str = typer.Option("latest", "--offset-reset-policy", help="KEDA offsetResetPolicy: latest or earliest."),
+    allow_idle_consumers: bool = typer.Option(False, "--allow-idle-consumers", help="No partition cap on replicas."),
+    min_replicas: int = typer.Option(0, "--min-replicas", help="ScaledObject minReplicaCount."),
+    max_replicas: int = typer.Option(100, "--max-replicas", help="ScaledObject maxReplicaCount."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]."),
+) -> None:
+    """Per-partition and total lag of a consumer group, as KEDA's kafka trigger sees it,
+    and the replicas KEDA + HPA would want."""
+    from spotbatch.cli import _fail, _settings
+    from spotbatch.scaler.lag import LagError, LagOptions
+
+    settings = _settings(config, kafka_bootstrap=bootstrap)
+    try:
+        options = LagOptions(lag_threshold=lag_threshold, activation_lag_threshold=activation_lag_threshold,
+                             offset_reset_policy=offset_reset_policy, allow_idle_consumers=allow_idle_consumers)
+        report = _lag_report(settings.kafka_bootstrap, group, topic, options, min_replicas, max_replicas)
+    except (LagError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        print(json.dumps(report))
+    else:
+        _print_lag(report)
+
+
+def _lag_report(bootstrap: str, group: str, topic: Optional[str], options, min_replicas: int, max_replicas: int) -> dict:
+    from kafka.errors import KafkaError
+
+    from spotbatch.kafka_admin import OffsetReader
+    from spotbatch.scaler import policy
+    from spotbatch.scaler.lag import LagError, compute_lag, read_offsets
+
+    bounds = policy.ReplicaBounds(min_replicas=min_replicas, max_replicas=max_replicas)
+    try:
+        reader = OffsetReader(bootstrap)
+    except KafkaError as exc:
+        raise LagError(f"cannot reach Kafka at {bootstrap} ({exc}); pass --bootstrap HOST:PORT") from None
+    try:
+        if not reader.group_known(group):
+            raise LagError(f"consumer group {group!r} is unknown on {bootstrap}; check --group (and --bootstrap)")
+        committed, ends = read_offsets(reader, group, topic)
+    finally:
+        reader.close()
+    result = compute_lag(committed, ends, options)
+    metric = policy.lag_metric(result.total_lag, result.active, options.lag_threshold)
+    return {"group": group, "topic": topic, "bootstrap": bootstrap, "lag_threshold": options.lag_threshold,
+            **result.to_dict(), "replicas": policy.keda_replicas(metric, None, bounds)}
+
+
+def _print_lag(report: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"group {report['group']}")
+    for col in ("topic", "partition", "committed", "log end", "lag"):
+        table.add_column(col, justify="left" if col == "topic" else "right")
+    for p in report["partitions"]:
+        committed = "-" if p["committed"] < 0 else str(p["committed"])
+        table.add_row(p["topic"], str(p["partition"]), committed, str(p["log_end"]), str(p["lag"]))
+    console = Console()
+    console.print(table)
+    console.print(f"total lag {report['total_lag']} (with persistent {report['total_lag_with_persistent']}), "
+                  f"active {str(report['active']).lower()}, replicas {report['replicas']} "
+                  f"(lagThreshold {report['lag_threshold']})", highlight=False)
+
+
+def serve(
+    port: int = typer.Option(9090, "--port", help="gRPC port (KEDA's scalerAddress)."),
+    metrics_port: int = typer.Option(9091, "--metrics-port", help="HTTP /metrics and /healthz port."),
+    host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
+    bootstrap: Optional[str] = typer.Option(None, "--bootstrap", help="Default for triggers without bootstrapServers [env SPOTBATCH_KAFKA_BOOTSTRAP]."),
+    cache_s: float = typer.Option(2.0, "--cache-s", min=0.0, help="Seconds a group's offsets are reused across calls."),
+    checkpoint_uri: Optional[str] = typer.Option(None, "--checkpoint-uri", help="Checkpoint store, for work mode's rows done of URI jobs."),
+    pools: bool = typer.Option(False, "--pools", help="Serve triggers with `pool: spot|on-demand` their share (hybrid scheduler; reads the spot Deployment's status)."),
+    namespace: str = typer.Option("spotbatch", "--namespace", help="With --pools: namespace of the worker Deployments."),
+    kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", help="With --pools: kubeconfig file (default: in-cluster, else ~/.kube/config)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]."),
+) -> None:
+    """Serve KEDA's external scaler gRPC interface (plus gRPC health, /metrics, /healthz)."""
+    import signal
+    import threading
+
+    from spotbatch.cli import _fail, _logging, _settings
+    from spotbatch.scaler.service import LagSource
+    from spotbatch.scaler.service import serve as start
+
+    settings = _settings(config, kafka_bootstrap=bootstrap, checkpoint_uri=checkpoint_uri)
+    _logging()
+    checkpoints = None
+    if settings.checkpoint_uri:
+        from spotbatch.checkpointing import store_for_checkpoints
+
+        checkpoints = store_for_checkpoints(settings.checkpoint_uri)
+    splitter = None
+    if pools:  # the hybrid scheduler's PoolSplitter
+        from spotbatch.scheduler.splitter import live_splitter
+
+        try:
+            splitter = live_splitter(usage_topic=settings.usage_topic, default_bootstrap=bootstrap or settings.kafka_bootstrap,
+                                     namespace=namespace, kubeconfig=kubeconfig)
+        except Exception as exc:  # noqa: BLE001 - kubernetes.config raises several types for one fix
+            _fail(f"--pools needs Kubernetes access ({exc}); run in-cluster or pass --kubeconfig FILE")
+    source = LagSource(cache_s=cache_s, usage_topic=settings.usage_topic, checkpoints=checkpoints, splitter=splitter)
+    try:
+        server = start(port=port, metrics_port=metrics_port, host=host, source=source,
+                       default_bootstrap=bootstrap or settings.kafka_bootstrap)
+    except OSError as exc:
+        _fail(f"{exc} (--port {port} / --metrics-port {metrics_port} must be free)")
+    typer.echo(f"scaler serving gRPC on {host}:{server.port}, /metrics and /healthz on :{server.metrics_port}", err=True)
+    done = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    server.stop()

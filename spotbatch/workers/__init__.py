@@ -37,9 +37,10 @@ def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
     watchers = watchers_for(settings.notice_source, interval_s=settings.notice_poll_s)
 
     def on_notice(notice: Notice) -> None:
-        if notice.kind == "rebalance":  # advisory: cut the next URI jobs into small parts
-            log.warning("spot rebalance recommendation (%s): checkpointing every batch from now", notice.source)
-            worker.interval.pin_rows(settings.max_batch_rows)
+        if notice.kind == "rebalance":  # advisory: checkpoint often, start no large job for a while
+            log.warning("spot rebalance recommendation (%s): checkpointing every batch, holding new large jobs "
+                        "for %.0fs", notice.source, settings.rebalance_hold_s)
+            worker.avoid_large_jobs(settings.rebalance_hold_s)
             return
         again = notice.detail.endswith("(again)")
         log.warning("%s notice from %s (%s): draining%s", notice.kind, notice.source, notice.detail,

@@ -41,12 +41,17 @@ class InferenceThread:
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
         self._busy = 0  # batches submitted and not yet returned; owner-thread only
+        self._busy_rows = 0  # their rows
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
 
     @property
     def in_flight(self) -> int:
         return self._busy
+
+    @property
+    def rows_in_flight(self) -> int:
+        return self._busy_rows
 
     def can_take(self) -> bool:
         return self._busy < self.max_in_flight
@@ -58,6 +63,7 @@ class InferenceThread:
 
     def submit(self, batch: Batch) -> None:
         self._busy += 1
+        self._busy_rows += batch.rows
         self._inbox.put(batch)
 
     def results(self) -> list[BatchResult]:
@@ -67,7 +73,7 @@ class InferenceThread:
                 out.append(self.outbox.get_nowait())
             except queue.Empty:
                 break
-        self._busy -= len(out)
+        self._returned(out)
         return out
 
     def wait(self, timeout_s: float) -> list[BatchResult]:
@@ -76,8 +82,12 @@ class InferenceThread:
             first = self.outbox.get(timeout=max(0.0, timeout_s))
         except queue.Empty:
             return []
-        self._busy -= 1
+        self._returned([first])
         return [first, *self.results()]
+
+    def _returned(self, results: list[BatchResult]) -> None:
+        self._busy -= len(results)
+        self._busy_rows -= sum(r.batch.rows for r in results)
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop after the staged batches (the daemon thread dies with the process anyway)."""

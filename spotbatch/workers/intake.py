@@ -44,9 +44,23 @@ class Intake:
             raise JobError("invalid_job", f"params: {exc}") from None
         return self._sink.output_uri(job.job_id, job.output), params
 
+    def output_of(self, job: Job) -> str:
+        """Where the job's result lives: its Parquet file, or the folder of its parts."""
+        if self._planner is not None and self.needs_io(job):
+            return self._sink.manifest_uri(job.job_id, job.output).rsplit("/", 1)[0]
+        return self._sink.output_uri(job.job_id, job.output)
+
     def build(self, job: Job, record: Any, epoch: int) -> list[PendingJob]:
-        """The job's units of work: one for an inline job, its unfinished parts for a URI job."""
+        """The job's units of work: one for an inline job, its unfinished parts for a URI job.
+
+        Runs on the I/O pool. An empty list means the job is already complete: a
+        redelivered job whose output a previous owner made durable but could not commit
+        (killed first, or held back by an unfinished job earlier in the partition).
+        Job ids name outputs, so an existing output is this job's result.
+        """
         output_uri, params = self.check(job)
+        if not self.needs_io(job) and self._sink.exists(output_uri):
+            return []
         ids, values = self._rows(job)
         for row_id, value in zip(ids, values):
             try:

@@ -88,6 +88,18 @@ class PartedJob:
             self.sink.write_bytes(self.manifest_uri, self._manifest())
         return complete, time.perf_counter() - started
 
+    def release(self) -> None:
+        """This attempt ends in a drain, not by the job's fault: it must not count
+        toward max_attempts, or a job interrupted often would look like a poison job."""
+        with self._lock:
+            for _ in range(3):
+                self.progress.release_attempt(self.owner)
+                try:
+                    self.progress = self.store.save(self.progress, expected_generation=self.progress.generation or None)
+                    return
+                except StaleCheckpoint:
+                    self._merge(self.store.load(self.job.job_id))
+
     def _merge(self, theirs: Progress | None) -> None:
         if theirs is None:  # deleted under us: start the record afresh, keeping our parts
             self.progress = self.progress.model_copy(update={"generation": 0})

@@ -25,7 +25,7 @@ from kafka.structs import TopicPartition
 from spotbatch import chaos
 from spotbatch.config import Settings
 from spotbatch.errors import JobError
-from spotbatch.jobs import parse_job
+from spotbatch.jobs import InlineInputs, Job, parse_job
 from spotbatch.retry import kafka_retry, model_retry
 from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, store_for_checkpoints
 from spotbatch.workers.batcher import Batcher, PendingJob
@@ -35,6 +35,7 @@ from spotbatch.workers.metrics import WorkerMetrics
 from spotbatch.workers.offsets import OffsetTracker
 from spotbatch.workers.parts import PartPlanner
 from spotbatch.workers.streams import SideStreams
+from spotbatch.workers.usage import UsageMeter
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -45,6 +46,17 @@ _POLL_HUNGRY_MS = 20  # the model is about to run dry: stage more batches soon
 _POLL_BUSY_MS = 50  # batches are staged; longer turns leave the GIL to inference
 _BURST_DONE = "burst: caught up"  # a planned stop, not an interruption
 _FINAL_RESERVE_S = 3.0  # of the drain deadline, kept for commit + flush + leave
+
+
+@dataclass
+class _Load:
+    """A job on the I/O pool: its file being read, or its output looked for."""
+
+    record: Any
+    epoch: int
+    job: Job
+    rows: int  # what it will add to the backlog (a guess for a file not read yet)
+    future: Future
 
 
 @dataclass
@@ -103,16 +115,24 @@ class Worker:
         # wait for the owner's next turn between batches.
         staged = max(2, settings.max_pending_rows // settings.max_batch_rows)
         self._inference = InferenceThread(model_retry(run_batch), max_in_flight=staged)
-        self._io = ThreadPoolExecutor(max_workers=2, thread_name_prefix="io")
-        self._loads: list[tuple[Any, int, Future]] = []  # (record, epoch, future of PendingJob)
+        # Reads, output lookups (one per job: a HEAD on S3) and writes; lookups are short.
+        self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="io")
+        self._loads: list[_Load] = []
         self._writes: list[tuple[PendingJob, float, Future]] = []
-        self._acks: list[tuple[Any, int, Any]] = []  # (record, epoch, kafka future)
+        # (record, epoch, kafka futures): a job's offset is done once its DLQ entry and
+        # status record are acknowledged, so a crash after the commit cannot drop them.
+        self._acks: list[tuple[Any, int, list]] = []
         self._idle_since: float | None = None
+        self._hold_until = 0.0  # monotonic; see avoid_large_jobs
+        self._held: set[TopicPartition] = set()  # partitions waiting at a held-back large job
         self._rows_per_job = float(settings.max_batch_rows)  # learned; starts cautious
         self._consumer = self._make_consumer()
         # A broker blip (connection lost, coordinator moving) must not end the worker.
         self._poll = kafka_retry(self._consumer.poll)
         self._streams = SideStreams(self._make_producer(), self.worker_id)
+        self._usage = UsageMeter(worker_id=self.worker_id, pool=settings.pool, instance_type=settings.instance_type,
+                                 gpus=settings.gpu_count, interval_s=settings.usage_interval_s,
+                                 emit=lambda record: self._streams.usage(settings.usage_topic, **record))
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -124,7 +144,8 @@ class Worker:
         """
         budget = self.settings.drain_s if within_s is None else max(0.0, min(self.settings.drain_s, within_s))
         deadline = time.monotonic() + (0.0 if now else budget)
-        self._stop_reason = reason
+        if self._stop_at is None:  # the first reason is the cause (a notice, then the node's SIGTERM)
+            self._stop_reason = reason
         self._stop_at = deadline if self._stop_at is None else min(self._stop_at, deadline)
 
     def run(self) -> WorkerStats:
@@ -155,7 +176,8 @@ class Worker:
 
         1. Stop fetching: pause every partition (records already fetched stay unread).
         2. Drop queued parts of URI jobs: their finished parts are checkpointed, and
-           the next owner resumes after them.
+           the next owner resumes after them. Their checkpoints note that this attempt
+           ended in a drain, so it does not count toward max_attempts.
         3. Finish other accepted work: close batches without waiting for max_wait and
            keep turning until nothing is in flight, or only the final reserve is left;
            what does not fit is abandoned (at most the batches in flight).
@@ -168,13 +190,16 @@ class Worker:
         # Queued parts of URI jobs are checkpointed and resumable: leave them at once.
         # They stay in _live, so the interruption record counts their inferred rows.
         self._batcher.drop(lambda unit: unit.parent is None)
+        releases = [self._io.submit(parent.release) for parent in self._unfinished_parted_jobs()]
         while self._busy() and time.monotonic() < deadline - _FINAL_RESERVE_S:
             self._turn(draining=True)
         if self._busy():
             log.warning("drain deadline reached: abandoning %d uncommitted jobs", self._tracker.outstanding())
+        _wait_quietly(releases, deadline - time.monotonic() - _FINAL_RESERVE_S / 2)
         self._commit()
         if self._stop_reason != _BURST_DONE:
             self._report_interruption(time.monotonic() - started)
+        self._usage.close()  # the final usage record, flushed with the rest below
         try:  # statuses and usage records are best effort; the drain must still end
             self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
         except KafkaError as exc:
@@ -195,7 +220,9 @@ class Worker:
                     self._consumer.seek(tp, recs[0].offset)
                 continue
             for record in recs:
-                self._accept(record)
+                if not self._accept(record):  # held back: fetched again when the hold ends
+                    self._consumer.seek(tp, record.offset)
+                    break
         self._collect_loads()
         self._collect_results()
         self._feed_inference(force=draining)
@@ -203,6 +230,7 @@ class Worker:
         self._collect_acks()
         self._commit()
         self.metrics.tick()
+        self._usage.tick()
 
     def _apply_rebalance_events(self) -> dict[TopicPartition, int | None]:
         """Apply the listener's news; returns the partitions assigned now and where each
@@ -216,6 +244,8 @@ class Worker:
                 rewound.update(self._rewind(tps))
                 log.info("assigned %s", sorted(tp.partition for tp in tps))
                 continue
+            for parent in self._unfinished_parted_jobs(in_partitions=tps):  # not the job's fault
+                self._io.submit(parent.release)
             for tp in tps:  # revoked or lost: forget; in-flight results become stale
                 self._owned.pop(tp, None)
                 self._tracker.forget(tp)
@@ -241,9 +271,9 @@ class Worker:
         return targets
 
     def _backlog_rows(self) -> int:
-        """Rows accepted and not yet inferred; a job still loading counts as one batch."""
-        in_flight = self._inference.in_flight + len(self._loads)
-        return self._batcher.pending_rows + in_flight * self.settings.max_batch_rows
+        """Rows accepted and not yet inferred; a file not read yet counts as one batch."""
+        loading = sum(load.rows for load in self._loads)
+        return self._batcher.pending_rows + self._inference.rows_in_flight + loading
 
     def _room_in_records(self) -> int:
         """Records one poll may return without overshooting max_pending_rows by much."""
@@ -253,10 +283,16 @@ class Worker:
     def _flow_control(self, draining: bool) -> None:
         # Re-applied every turn: newly assigned partitions start unpaused (FACTS).
         assigned = self._consumer.assignment()
+        if self._held and time.monotonic() >= self._hold_until:
+            log.info("rebalance hold over: resuming %d held partitions", len(self._held))
+            self._held.clear()
+        self._held &= assigned
         if draining or self._backlog_rows() >= self.settings.max_pending_rows:
             self._consumer.pause(*assigned)
-        elif self._consumer.paused():
-            self._consumer.resume(*self._consumer.paused())
+        else:
+            self._consumer.pause(*self._held)
+            if resumable := self._consumer.paused() - self._held:
+                self._consumer.resume(*resumable)
         self.metrics.pending_rows.set(self._batcher.pending_rows)
 
     def _poll_ms(self) -> int:
@@ -267,36 +303,61 @@ class Worker:
         due = self._batcher.seconds_until_due()
         return _POLL_IDLE_MS if due is None else max(1, min(_POLL_IDLE_MS, int(due * 1000)))
 
-    def _accept(self, record: Any) -> None:
+    def _accept(self, record: Any) -> bool:
+        """Take a record on; False when it is held back (a large job after a rebalance
+        recommendation) and its partition must stop here."""
         tp = TopicPartition(record.topic, record.partition)
         epoch = self._owned.get(tp)
         if epoch is None:  # fetched just before a revoke: not ours to process any more
-            return
-        self._tracker.seen(tp, record.offset)
+            return True
         try:
             job = parse_job(record.value)
-            if Intake.needs_io(job):
-                self._intake.check(job)  # fail fast on model/prefix before reading a file
-                self._loads.append((record, epoch, self._io.submit(self._intake.build, job, record, epoch)))
-            else:
-                self._add(record, self._intake.build(job, record, epoch))
+        except JobError as err:
+            self._tracker.seen(tp, record.offset)
+            self._dead_letter(record, epoch, err)
+            return True
+        if self._hold_large_jobs(tp, job):
+            return False
+        self._tracker.seen(tp, record.offset)
+        try:
+            self._intake.check(job)  # fail fast on model, params and prefix before any I/O
         except JobError as err:
             self._dead_letter(record, epoch, err)
+            return True
+        rows = len(job.inputs.rows) if isinstance(job.inputs, InlineInputs) else self.settings.max_batch_rows
+        self._loads.append(_Load(record, epoch, job, rows, self._io.submit(self._intake.build, job, record, epoch)))
+        return True
+
+    def avoid_large_jobs(self, for_s: float) -> None:
+        """A rebalance recommendation: this instance is at elevated risk of interruption.
+        For ``for_s``, a URI job reached in a partition is not started; the partition
+        waits at it (paused, uncommitted), so a safer owner can take it after an
+        interruption, or this one once the hold ends. Checkpoints come every batch."""
+        self._hold_until = time.monotonic() + for_s
+        self.interval.pin_rows(self.settings.max_batch_rows)
+
+    def _hold_large_jobs(self, tp: TopicPartition, job: Job) -> bool:
+        if isinstance(job.inputs, InlineInputs) or time.monotonic() >= self._hold_until:
+            return False
+        if tp not in self._held:
+            log.info("holding partition %d at large job %s (rebalance recommendation)", tp.partition, job.job_id)
+        self._held.add(tp)
+        return True
 
     def _collect_loads(self) -> None:
-        for record, epoch, fut in _take_done(self._loads, lambda item: item[2]):
+        for load in _take_done(self._loads, lambda item: item.future):
             try:
-                units = fut.result()
+                units = load.future.result()
             except JobError as err:
-                self._dead_letter(record, epoch, err)
+                self._dead_letter(load.record, load.epoch, err)
                 continue
-            if self._owned.get(TopicPartition(record.topic, record.partition)) == epoch:
-                self._add(record, units)
+            if self._owned.get(TopicPartition(load.record.topic, load.record.partition)) == load.epoch:
+                self._add(load.record, load.epoch, load.job, units)
 
-    def _add(self, record: Any, units: list[PendingJob]) -> None:
-        if not units:  # a URI job a previous owner finished: nothing left but the commit
-            log.info("job %s already complete (manifest found); committing", _job_id_of(record))
-            self._tracker.done(TopicPartition(record.topic, record.partition), record.offset)
+    def _add(self, record: Any, epoch: int, job: Job, units: list[PendingJob]) -> None:
+        if not units:  # a previous owner made it durable but did not commit: report, commit
+            log.info("job %s already complete (output found); committing", job.job_id)
+            self._report_ok(record, epoch, job.job_id, output=self._intake.output_of(job), already_done=True)
             return
         parted = units[0].parent
         if parted is not None:  # the checkpoint interval this job runs with
@@ -313,11 +374,24 @@ class Worker:
             self._batcher.add(unit)
 
     def _feed_inference(self, force: bool) -> None:
-        while self._inference.can_take():
+        while self._inference.can_take() and self._may_risk_another_batch():
             batch = self._batcher.next_batch(force=force)
             if batch is None:
                 return
             self._inference.submit(batch)
+
+    def _may_risk_another_batch(self) -> bool:
+        """Keep what a SIGKILL can cost within one checkpoint interval (DESIGN invariant 3).
+
+        Rows inferred, or being inferred, whose unit is not durable yet die with the
+        process. Holding back a batch only helps while a write or an inference is on its
+        way; with neither, a unit larger than the interval must go on to finish at all.
+        """
+        at_risk = self._inference.rows_in_flight + sum(unit.rows_inferred for unit in self._live)
+        if not (self._writes or self._inference.in_flight):
+            return True
+        limit = max(self.interval.rows(self._rows_per_s), self.settings.max_batch_rows)
+        return at_risk + self.settings.max_batch_rows <= limit
 
     def _collect_results(self) -> None:
         for result in self._inference.results():
@@ -340,8 +414,10 @@ class Worker:
 
     def _write(self, job: PendingJob) -> bool:
         """Make a unit durable (I/O thread); True when its whole job is now complete."""
+        started = time.monotonic()
         self._sink.write(job.output_uri, job.ids, job.outputs())
-        if job.parent is None:
+        if job.parent is None:  # an inline job's output is its checkpoint: it sizes the interval too
+            self.interval.observe_cost(time.monotonic() - started)
             chaos.reached("after_write")
             return True
         complete, cost_s = job.parent.part_done(job.part, job.rows)
@@ -357,16 +433,19 @@ class Worker:
                 self.metrics.parts.inc()
                 continue
             self.stats.jobs_ok += 1
+            self._usage.add_job()
             self.metrics.jobs.labels("ok").inc()
             whole = job.parent
             started = whole.started_at if whole else job.accepted_at
-            self._streams.status(
-                job.record.topic, job.job.job_id, status="ok", key=job.record.key,
-                rows=whole.rows if whole else job.rows, seconds=round(time.monotonic() - started, 3),
-                output=whole.folder_uri if whole else job.output_uri, source=_coords(job.record),
-            )
-            if self._is_current(job):
-                self._tracker.done(job.tp, job.record.offset)
+            self._report_ok(job.record, job.epoch, job.job.job_id, rows=whole.rows if whole else job.rows,
+                            seconds=round(time.monotonic() - started, 3),
+                            output=whole.folder_uri if whole else job.output_uri)
+
+    def _report_ok(self, record: Any, epoch: int, job_id: str, **fields: Any) -> None:
+        """The ok status; the job's offset is done once the broker has it."""
+        status = self._streams.status(record.topic, job_id, status="ok", key=record.key, source=_coords(record),
+                                      **fields)
+        self._acks.append((record, epoch, [status]))
 
     def _dead_letter(self, record: Any, epoch: int, err: JobError, job_id: str | None = None) -> None:
         job_id = job_id or _job_id_of(record)
@@ -374,16 +453,18 @@ class Worker:
         self.stats.jobs_failed += 1
         self.metrics.jobs.labels("failed").inc()
         self.metrics.errors.labels(err.code).inc()
-        self._acks.append((record, epoch, self._streams.dead_letter(record, err)))
-        self._streams.status(
+        dead = self._streams.dead_letter(record, err)
+        status = self._streams.status(
             record.topic, job_id, status="failed", key=record.key,
             error=err.code, reason=err.reason, source=_coords(record),
         )
+        self._acks.append((record, epoch, [dead, status]))
 
     def _collect_acks(self) -> None:
-        for record, epoch, fut in _take_done(self._acks, lambda item: item[2], done=lambda f: f.is_done):
-            if not fut.succeeded():  # the DLQ did not take it: never commit past it
-                raise RuntimeError(f"dead-letter write failed for offset {record.offset}: {fut.exception}")
+        all_done = lambda futs: all(f.is_done for f in futs)  # noqa: E731
+        for record, epoch, futs in _take_done(self._acks, lambda item: item[2], done=all_done):
+            if failed := [f for f in futs if not f.succeeded()]:  # never commit past a lost record
+                raise RuntimeError(f"side-stream write failed for offset {record.offset}: {failed[0].exception}")
             tp = TopicPartition(record.topic, record.partition)
             if self._owned.get(tp) == epoch:
                 self._tracker.done(tp, record.offset)
@@ -413,6 +494,7 @@ class Worker:
         self.metrics.batch_seconds.observe(result.seconds)
         self.metrics.rows.inc(result.batch.rows)
         self.stats.rows += result.batch.rows
+        self._usage.add_busy(result.seconds, rows=result.batch.rows)
 
     def _should_leave(self) -> bool:
         if self.settings.leave_group != "auto":
@@ -423,6 +505,11 @@ class Worker:
         cluster_id = getattr(getattr(self._consumer, "_client", None), "cluster", None)
         return getattr(cluster_id, "cluster_id", None) != "tansu_cluster"
 
+    def _unfinished_parted_jobs(self, in_partitions: set[TopicPartition] | None = None) -> list:
+        parents = {id(u.parent): u.parent for u in self._live if u.parent is not None and not u.parent.failed
+                   and (in_partitions is None or u.tp in in_partitions)}
+        return [p for p in parents.values() if not p.progress.complete]
+
     def _forget(self, units: list[PendingJob]) -> None:
         self._live.difference_update(units)
 
@@ -430,6 +517,7 @@ class Worker:
         """One usage record per stop: what the interruption cost, for the cost report."""
         lost = sum(unit.rows_inferred for unit in self._live)
         self.metrics.rows_lost.inc(lost)
+        self._usage.add_stop(reason=self._stop_reason, rows_recomputed=lost)
         self._streams.usage(self.settings.usage_topic, kind="interruption", reason=self._stop_reason,
                             drain_s=round(drain_s, 3), rows_lost=lost, units_abandoned=len(self._live),
                             rows=self.stats.rows, jobs_ok=self.stats.jobs_ok, jobs_failed=self.stats.jobs_failed)
@@ -490,6 +578,17 @@ def _take_done(items: list, future_of, done=lambda f: f.done()) -> list:
     if finished:
         items[:] = [item for item, flag in zip(items, flags) if not flag]
     return finished
+
+
+def _wait_quietly(futures: list[Future], timeout_s: float) -> None:
+    """Best effort within the drain: a release that fails or is late costs nothing but
+    one attempt counted against the job."""
+    deadline = time.monotonic() + max(0.0, timeout_s)
+    for fut in futures:
+        try:
+            fut.result(timeout=max(0.0, deadline - time.monotonic()))
+        except Exception as exc:  # noqa: BLE001 - logged; the drain goes on
+            log.warning("could not note the drain in a checkpoint: %s", exc)
 
 
 def _close(consumer: KafkaConsumer, *, leave: bool) -> None:

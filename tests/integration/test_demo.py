@@ -49,6 +49,11 @@ def test_demo_runs_the_whole_loop_and_prints_json(tmp_path):
     assert summary["output"] == str(Path(out).resolve())
     assert summary["model"] == "tiny" and summary["workers"] == 2
     assert summary["seconds"] > 0 and summary["rows_per_s"] > 0
+    # the autoscaler ran the workers: out from zero on the backlog (12 jobs, lag threshold 10:
+    # 2 workers), and back to zero once every job was done and the cooldown passed
+    events = [(e["event"], e["from"], e["to"]) for e in summary["scale_events"]]
+    assert summary["max_replicas"] == 2 and events[:2] == [("scale_out", 0, 1), ("scale_out", 1, 2)], events
+    assert events[-1][0] == "scale_to_zero" and summary["scale_events"][-1]["unconsumed"] == 0, events
 
     files = sorted(p.name for p in out.iterdir() if p.is_file())
     assert files == [f"demo-{i:06d}.parquet" for i in range(12)], files

@@ -136,3 +136,34 @@ def test_aws_spot_notice_drains_and_records_the_interruption(kafka_bootstrap, tm
         if offset < committed.get(partition, 0):
             assert job_id in written
     assert len(written) < len(jobs)
+
+
+def test_rebalance_recommendation_holds_new_large_jobs_then_resumes(kafka_bootstrap, tmp_path):
+    """After AWS's rebalance recommendation a worker starts no URI job for
+    rebalance_hold_s: the partition waits at the job, uncommitted, with the inline jobs
+    before it done; once the hold ends, the rest runs."""
+    topic, group, out = make_topic(kafka_bootstrap, 1), new_group(), tmp_path / "out"
+    _, _, path = _corpus(tmp_path, 30)
+    before, after = make_jobs(3, 2, "before"), make_jobs(3, 2, "after")
+    with FakeAws() as aws:
+        worker = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, burst=False,
+                              args=["--notice-source", "aws", "--rebalance-hold-s", "15"],
+                              env={"SPOTBATCH_AWS_METADATA_URL": aws.url, "SPOTBATCH_NOTICE_POLL_S": "0.1"})
+        aws.rebalance()
+        wait_until(lambda: "rebalance recommendation" in worker.log_path.read_text(), 30, "the recommendation",
+                   workers=[worker])
+        publish(kafka_bootstrap, topic, before)
+        send_raw(kafka_bootstrap, topic, [(b"big", _uri_job("big", path))])
+        publish(kafka_bootstrap, topic, after)
+        wait_until(lambda: committed_offsets(kafka_bootstrap, group, topic).get(0) == 3, 60,
+                   "the jobs before the large one committed", workers=[worker])
+        held = list_outputs(out)
+        assert "holding partition 0 at large job big" in worker.log_path.read_text(), worker.describe()
+        assert {f"{j.job_id}.parquet" for j in before} <= held and "big" not in held, held
+        assert not {f"{j.job_id}.parquet" for j in after} & held, held
+        wait_until(lambda: committed_offsets(kafka_bootstrap, group, topic).get(0) == 7, 60,
+                   "everything committed after the hold", workers=[worker])
+        worker.signal(signal.SIGTERM)
+        assert worker.wait(30) == 0, worker.describe()
+    assert "_manifest.json" in list_outputs(out / "big")
+    assert {f"{j.job_id}.parquet" for j in after} <= list_outputs(out)

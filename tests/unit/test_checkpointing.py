@@ -417,3 +417,17 @@ def test_interval_bad_settings_name_the_accepted_forms(bad):
     text = str(info.value)
     assert repr(bad) in text
     assert "500rows" in text and "30s" in text and "'auto'" in text
+
+
+def test_an_attempt_released_by_a_drain_does_not_count_toward_poison():
+    progress = Progress.new("j", parts_total=4, owner="a")
+    for owner in ("a", "b", "c"):
+        progress.record_attempt(owner)
+    assert progress.attempts_without_progress() == 3
+    progress.release_attempt("b")
+    assert progress.attempts_without_progress() == 2
+    assert [a.released for a in progress.attempt_history] == [False, True, False]
+    progress.mark_part_done(0, 5)  # progress since: earlier attempts stop counting at all
+    progress.record_attempt("d")
+    assert progress.attempts_without_progress() == 1
+    assert Progress.from_json(progress.to_json()).attempt_history[1].released

@@ -399,9 +399,15 @@ def test_hybrid_triggers_ask_the_scaler_for_their_pools_share(overlay):
         assert trigger["type"] == "external"
         meta = trigger["metadata"]
         assert set(meta) == {"scalerAddress", "bootstrapServers", "consumerGroup", "topic",
-                             "lagThreshold", "mode", "pool"}
+                             "lagThreshold", "mode", "pool", "baseline", "spotMax", "fallbackCap"}
         assert meta["pool"] == pool == _pod_labels(_deployment(overlay, name))["spotbatch.dev/pool"]
         assert meta["mode"] in ("lag", "work")
+    # One pool policy: both triggers must carry the same keys, or the split disagrees.
+    policies = [{k: v for k, v in find(overlay, "ScaledObject", name)["spec"]["triggers"][0]["metadata"].items()
+                 if k in ("baseline", "spotMax", "fallbackCap")} for name in WORKERS.values()]
+    assert policies[0] == policies[1]
+    ondemand = find(overlay, "ScaledObject", WORKERS["on-demand"])["spec"]
+    assert ondemand["maxReplicaCount"] >= int(policies[0]["baseline"]) + int(policies[0]["fallbackCap"])
 
 
 @hybrid_overlays

@@ -64,3 +64,19 @@ if os.environ.get("SPOTBATCH_TEST_FLUSH_FAULT") == "1":
         raise kafka.errors.KafkaTimeoutError("Timeout waiting for future (injected by the chaos tests)")
 
     kafka.KafkaProducer.flush = _faulty_flush
+
+# With ``SPOTBATCH_TEST_SLOW_READ=<seconds>``, reading a URI job's input file takes that
+# much longer (a large file on a slow store): jobs behind it in the partition are
+# processed while it loads, so they become durable before it.
+if os.environ.get("SPOTBATCH_TEST_SLOW_READ"):
+    import time
+    import spotbatch.workers.intake as _intake
+
+    _delay_s = float(os.environ["SPOTBATCH_TEST_SLOW_READ"])
+    _read_rows = _intake.read_rows
+
+    def _slow_read_rows(*args, **kwargs):
+        time.sleep(_delay_s)
+        return _read_rows(*args, **kwargs)
+
+    _intake.read_rows = _slow_read_rows

@@ -1,0 +1,247 @@
+"""The usage ledger: workers' usage records, de-duplicated, clipped to a time window.
+
+Records come from the usage topic (see spotbatch/workers/usage.py for the fields).
+Each covers a disjoint interval [start, end) of one worker's life, so sums over
+distinct ``record_id`` add up; a redelivered record counts once. Other kinds on the
+topic (``interruption``) and unknown versions are skipped, malformed values counted.
+
+Window rule: seconds, rows and jobs spread evenly over a record's interval and count
+pro rata to its overlap with the window [since, until); interruptions and rows
+recomputed happen at a record's end and count when the end lies in (since, until], so
+a record wholly inside a window counts in full and adjacent windows split it exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+__all__ = ["UsageRecord", "Window", "Usage", "Ledger", "LedgerError", "parse_when", "read_ledger", "POOLS"]
+
+POOLS = ("spot", "on-demand")
+_VERSION = 1
+_NUMBERS = ("start", "end", "seconds_alive", "seconds_busy")
+_COUNTS = ("gpus", "rows", "jobs", "interruptions", "rows_recomputed")
+_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+class LedgerError(ValueError):
+    """A bad window or an unreadable topic; one line that says the fix."""
+
+
+@dataclass(frozen=True)
+class UsageRecord:
+    record_id: str
+    worker: str
+    pool: str
+    instance_type: str
+    gpus: int
+    start: float
+    end: float
+    seconds_alive: float
+    seconds_busy: float
+    rows: int
+    jobs: int
+    interruptions: int
+    rows_recomputed: int
+    final: bool
+
+    @classmethod
+    def parse(cls, body: Mapping[str, Any]) -> UsageRecord:
+        """Validate one usage record (``kind == "usage"``); ValueError if malformed."""
+        if body.get("pool") not in POOLS:
+            raise ValueError(f"pool {body.get('pool')!r}")
+        fields = {k: _number(body, k) for k in _NUMBERS} | {k: _count(body, k) for k in _COUNTS}
+        if fields["end"] < fields["start"]:
+            raise ValueError("end before start")
+        texts = {k: str(body[k]) for k in ("record_id", "worker", "instance_type")}
+        return cls(**texts, pool=body["pool"], final=bool(body.get("final", False)), **fields)
+
+    def share(self, window: Window) -> float:
+        """The fraction of this record's interval inside ``window`` (0..1)."""
+        lo, hi = window.bounds()
+        if self.end == self.start:  # an instant: in or out, by the same rule as events
+            return 1.0 if self.ends_in(window) else 0.0
+        overlap = min(self.end, hi) - max(self.start, lo)
+        return max(0.0, overlap) / (self.end - self.start)
+
+    def ends_in(self, window: Window) -> bool:
+        """Whether the end lies in (since, until]: adjacent windows split events exactly."""
+        lo, hi = window.bounds()
+        return lo < self.end <= hi
+
+
+def _number(body: Mapping[str, Any], key: str) -> float:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{key}={value!r}")
+    return float(value)
+
+
+def _count(body: Mapping[str, Any], key: str) -> int:
+    value = body[key]
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{key}={value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Window:
+    """[since, until) in epoch seconds; None is open on that side."""
+
+    since: float | None = None
+    until: float | None = None
+
+    def bounds(self) -> tuple[float, float]:
+        return (-math.inf if self.since is None else self.since, math.inf if self.until is None else self.until)
+
+    @classmethod
+    def parse(cls, since: str | None, until: str | None, *, now: float | None = None) -> Window:
+        now = time.time() if now is None else now
+        window = cls(parse_when(since, now=now) if since else None, parse_when(until, now=now) if until else None)
+        if window.since is not None and window.until is not None and window.until <= window.since:
+            raise LedgerError(f"--until ({until}) must be after --since ({since})")
+        return window
+
+
+def parse_when(text: str, *, now: float) -> float:
+    """``-24h``/``-30m``/``-7d`` (before ``now``), ``now``, or ISO 8601 (UTC if no zone)."""
+    text = text.strip()
+    if text == "now":
+        return now
+    rel = _RELATIVE.match(text)
+    if rel:
+        return now - float(rel.group(1)) * _UNIT_S[rel.group(2)]
+    try:
+        when = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise LedgerError(f"time {text!r} is not ISO 8601 or relative; use e.g. 2026-11-30T08:00:00Z or -24h") from None
+    return (when if when.tzinfo else when.replace(tzinfo=timezone.utc)).timestamp()
+
+
+@dataclass
+class Usage:
+    """Sums over records (pro rata inside a window)."""
+
+    records: int = 0
+    alive_s: float = 0.0
+    busy_s: float = 0.0
+    gpu_s: float = 0.0
+    rows: float = 0.0
+    jobs: float = 0.0
+    interruptions: int = 0
+    rows_recomputed: int = 0
+    workers: set[str] = field(default_factory=set)
+
+    def add(self, rec: UsageRecord, share: float, ends_inside: bool) -> None:
+        self.records += 1
+        self.alive_s += rec.seconds_alive * share
+        self.busy_s += rec.seconds_busy * share
+        self.gpu_s += rec.seconds_alive * share * rec.gpus
+        self.rows += rec.rows * share
+        self.jobs += rec.jobs * share
+        if ends_inside:
+            self.interruptions += rec.interruptions
+            self.rows_recomputed += rec.rows_recomputed
+        self.workers.add(rec.worker)
+
+
+@dataclass
+class Ledger:
+    records: list[UsageRecord]
+    duplicates: int = 0  # redelivered records (same record_id) ignored
+    skipped: int = 0  # other kinds (interruption) or versions this reader does not know
+    malformed: int = 0
+
+    @classmethod
+    def from_values(cls, values: Iterable[bytes | str | Mapping[str, Any]]) -> Ledger:
+        ledger, seen = cls([]), set()
+        for value in values:
+            body = _decode(value)
+            if body is None:
+                ledger.malformed += 1
+            elif body.get("kind") != "usage" or body.get("v") != _VERSION:
+                ledger.skipped += 1
+            elif body.get("record_id") in seen:
+                ledger.duplicates += 1
+            else:
+                try:
+                    rec = UsageRecord.parse(body)
+                except (KeyError, ValueError, TypeError):
+                    ledger.malformed += 1
+                    continue
+                seen.add(rec.record_id)
+                ledger.records.append(rec)
+        return ledger
+
+    def within(self, window: Window) -> list[tuple[UsageRecord, float]]:
+        """(record, share) for every record that touches the window."""
+        pairs = [(rec, rec.share(window)) for rec in self.records]
+        return [(rec, share) for rec, share in pairs if share > 0 or rec.ends_in(window)]
+
+    def totals(self, window: Window) -> dict[tuple[str, str], Usage]:
+        """Usage per (pool, instance type) inside the window."""
+        out: dict[tuple[str, str], Usage] = {}
+        for rec, share in self.within(window):
+            out.setdefault((rec.pool, rec.instance_type), Usage()).add(rec, share, rec.ends_in(window))
+        return out
+
+    def span(self, window: Window) -> tuple[float, float] | None:
+        """The window clipped to the records' first start and last end (None: no records)."""
+        touched = self.within(window)
+        if not touched:
+            return None
+        lo, hi = window.bounds()
+        return max(lo, min(r.start for r, _ in touched)), min(hi, max(r.end for r, _ in touched))
+
+    def timeline(self, window: Window, bucket_s: float) -> list[tuple[float, dict[tuple[str, str], float]]]:
+        """Alive seconds per (pool, instance type) in consecutive buckets of the window."""
+        span = self.span(window)
+        if span is None:
+            return []
+        lo, hi = span
+        buckets: list[tuple[float, dict[tuple[str, str], float]]] = [
+            (lo + i * bucket_s, {}) for i in range(max(1, math.ceil((hi - lo) / bucket_s)))]
+        for rec in self.records:  # each record visits only the buckets it overlaps
+            if rec.end <= lo or rec.start >= hi:
+                continue
+            first = max(0, int((rec.start - lo) // bucket_s))
+            last = min(len(buckets) - 1, int((rec.end - lo) // bucket_s))
+            for start, sums in buckets[first:last + 1]:
+                share = rec.share(Window(start, start + bucket_s))
+                if share > 0:
+                    key = (rec.pool, rec.instance_type)
+                    sums[key] = sums.get(key, 0.0) + rec.seconds_alive * share
+        return buckets
+
+
+def _decode(value: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
+    if isinstance(value, Mapping):
+        return dict(value)
+    try:
+        body = json.loads(value)
+    except (ValueError, TypeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def read_ledger(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> Ledger:
+    """Every usage record on ``topic`` up to its current end (no consumer group)."""
+    from kafka.errors import KafkaError  # kafka stays off the import path of pure users
+
+    from spotbatch.kafka_admin import read_all
+
+    try:
+        records = read_all(bootstrap, topic, timeout_s=timeout_s)
+    except KafkaError as exc:
+        detail = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
+        raise LedgerError(f"cannot read usage topic {topic!r} at {bootstrap} ({detail}); "
+                          f"check --bootstrap and --usage-topic") from None
+    return Ledger.from_values(r.value for r in records)

@@ -1,0 +1,146 @@
+"""What the live scaler observes about the spot pool, for the pool policy.
+
+- Readiness: the spot Deployment's spec.replicas (what its HPA asked for) and
+  status.readyReplicas, through ``DeploymentReader`` (one method). ``KubeDeployments``
+  is the real one, on the official ``kubernetes`` client (the scaler's Role may get
+  deployments in its namespace: k8s/base/rbac.yaml).
+- Interruptions per spot replica-hour: usage records (kind "usage", pool "spot") whose
+  interval ends within the window: sum(interruptions) / sum(seconds_alive) x 3600.
+  Records are keyed by record_id, so a redelivered one counts once.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Callable, Iterable, Mapping, Protocol
+
+from spotbatch.scheduler.pools import PoolObservation
+
+__all__ = ["DeploymentReader", "KubeDeployments", "interruption_rate_per_h", "InterruptionRates", "LivePoolState",
+           "SPOT_DEPLOYMENT"]
+
+SPOT_DEPLOYMENT = "spotbatch-worker-spot"
+_MIN_ALIVE_H = 1.0  # below one replica-hour of evidence a single interruption is noise, not a rate
+
+
+class DeploymentReader(Protocol):
+    def replicas(self, name: str) -> tuple[int, int]:
+        """(replicas requested, replicas ready) of a Deployment."""
+        ...
+
+
+class KubeDeployments:
+    def __init__(self, *, namespace: str = "spotbatch", kubeconfig: str | None = None, context: str | None = None) -> None:
+        import os
+
+        from kubernetes import client, config
+
+        if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+            config.load_incluster_config()
+            api_client = client.ApiClient()
+        else:
+            api_client = config.new_client_from_config(config_file=kubeconfig, context=context, persist_config=False)
+        self._api = client.AppsV1Api(api_client)
+        self._namespace = namespace
+
+    def replicas(self, name: str) -> tuple[int, int]:
+        dep = self._api.read_namespaced_deployment(name=name, namespace=self._namespace)
+        return int(dep.spec.replicas or 0), int((dep.status and dep.status.ready_replicas) or 0)
+
+
+def interruption_rate_per_h(records: Iterable[Mapping[str, Any]], *, now_s: float, window_s: float,
+                            pool: str = "spot") -> float:
+    """Interruptions per replica-hour of ``pool`` over the window ending ``now_s``
+    (epoch seconds). 0 with less than an hour of replica time to judge by."""
+    seen: set[str] = set()
+    interruptions, alive_s = 0, 0.0
+    for rec in records:
+        if rec.get("kind") != "usage" or rec.get("pool") != pool or rec.get("record_id") in seen:
+            continue
+        if not now_s - window_s < float(rec.get("end", 0)) <= now_s:
+            continue
+        seen.add(rec["record_id"])
+        interruptions += int(rec.get("interruptions", 0))
+        alive_s += float(rec.get("seconds_alive", 0.0))
+    alive_h = alive_s / 3600
+    return interruptions / alive_h if alive_h >= _MIN_ALIVE_H else 0.0
+
+
+class InterruptionRates:
+    """Reads new usage records on each call (kafka_admin.OffsetReader, no group) and
+    keeps the window's spot records."""
+
+    def __init__(self, reader, topic: str, *, window_s: float = 3600.0,
+                 clock: Callable[[], float] = time.time, max_records: int = 100_000) -> None:
+        self._reader = reader
+        self._topic = topic
+        self._window_s = window_s
+        self._clock = clock
+        self._max = max_records
+        self._records: OrderedDict[str, dict] = OrderedDict()
+        self._next: dict[tuple[str, int], int] = {}
+        self._lock = threading.Lock()
+
+    def rate(self) -> float:
+        with self._lock:
+            self._poll()
+            return interruption_rate_per_h(self._records.values(), now_s=self._clock(), window_s=self._window_s)
+
+    def _poll(self) -> None:
+        from kafka.errors import UnknownTopicOrPartitionError
+
+        try:
+            ends = self._reader.log_ends([self._topic])
+        except UnknownTopicOrPartitionError:
+            return  # no worker has reported yet
+        ranges = {tp: (self._next.get(tp, 0), end) for tp, end in ends.items()}
+        for record in self._reader.read_ranges(ranges):
+            body = _spot_usage(record.value)
+            if body is not None:
+                self._records[body["record_id"]] = body
+        self._next.update({tp: end for tp, (_, end) in ranges.items()})
+        horizon = self._clock() - self._window_s
+        for rid in [rid for rid, r in self._records.items() if float(r["end"]) <= horizon]:
+            del self._records[rid]
+        while len(self._records) > self._max:
+            self._records.popitem(last=False)
+
+
+def _spot_usage(value: bytes | None) -> dict | None:
+    try:
+        body = json.loads(value or b"")
+        if body.get("kind") != "usage" or body.get("pool") != "spot":
+            return None
+        float(body["end"]), float(body["seconds_alive"]), int(body["interruptions"]), str(body["record_id"])
+        return body
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return None  # unreadable records and other kinds are not ours
+
+
+class LivePoolState:
+    """``observe()`` -> PoolObservation, cached for ``cache_s`` (the scaler asks for both
+    pools' shares and IsActive on every poll)."""
+
+    def __init__(self, deployments: DeploymentReader, rates: Callable[[], float] | None = None, *,
+                 spot_deployment: str = SPOT_DEPLOYMENT, cache_s: float = 2.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._deployments = deployments
+        self._rates = rates
+        self._name = spot_deployment
+        self._cache_s = cache_s
+        self._clock = clock
+        self._cached: tuple[float, PoolObservation] | None = None
+        self._lock = threading.Lock()
+
+    def observe(self) -> PoolObservation:
+        with self._lock:
+            now = self._clock()
+            if self._cached is None or now - self._cached[0] >= self._cache_s:
+                requested, ready = self._deployments.replicas(self._name)
+                rate = self._rates() if self._rates else 0.0
+                self._cached = (now, PoolObservation(spot_requested=requested, spot_ready=ready,
+                                                     interruption_rate_per_h=rate))
+            return self._cached[1]
