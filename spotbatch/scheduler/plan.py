@@ -175,15 +175,18 @@ def plan_table(plan: Plan, *, runners_up: int = 5):
     title = (f"plan: SLO drain {plan.slo_drain_s:g}s for >= {1 - plan.max_miss_fraction:.1%} of jobs on seeds "
              f"{', '.join(map(str, plan.seeds))}; all on-demand costs ${plan.reference.cost:,.2f}")
     view = Table(title=title)
-    for name in ("", "baseline", "fallback cap", "spot max", "cost $", "vs on-demand", "worst miss", "worst p95 drain", "meets SLO"):
+    # Short headers: the table must fit an 80-column terminal (the caption explains them).
+    for name in ("", "base", "cap", "spot", "cost $", "vs OD", "miss", "p95 drain", "SLO"):
         view.add_column(name, justify="left" if name == "" else "right")
     shown = ([plan.recommended] if plan.recommended else []) + \
         [e for e in plan.ranked if e is not plan.recommended][:runners_up]
     for e in shown:
-        label = "recommended" if e is plan.recommended else ""
+        label = "best" if e is plan.recommended else ""
         ratio = f"{e.cost / plan.reference.cost:.1%}" if plan.reference.cost else "-"
-        view.add_row(label, str(e.pools.baseline), str(e.pools.fallback_cap), str(e.pools.spot_max), f"{e.cost:,.2f}",
-                     ratio, f"{e.worst_miss_fraction:.3%}", f"{e.worst_drain_p95_s:,.0f}s", "yes" if e.meets else "NO")
+        view.add_row(label, str(e.pools.baseline), str(e.pools.fallback_cap), str(e.pools.spot_max), f"{e.cost:,.0f}",
+                     ratio, f"{e.worst_miss_fraction:.2%}", f"{e.worst_drain_p95_s:,.0f}s", "met" if e.meets else "MISSED")
+    view.caption = ("base: on-demand baseline; cap: on-demand fallback cap above it; spot: spot max; vs OD: "
+                    "cost relative to all on-demand; miss, p95 drain: the worst over the seeds")
     if plan.recommended is None:
         view.caption = "no setting met the SLO: relax --slo-drain / --max-miss-fraction or raise --max-replicas"
     return view

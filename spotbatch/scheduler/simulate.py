@@ -341,20 +341,32 @@ def comparison_json(results: list[SimResult], trace: Trace, sim: SimConfig, mark
 
 
 def comparison_table(results: list[SimResult], *, title: str):
-    """A rich table of the policies side by side."""
+    """A rich table of the policies side by side: one column per policy, so four
+    policies fit an 80-column terminal."""
     from rich.table import Table
 
     reference = next((r.cost for r in results if r.settings.get("on_demand_above_base_pct") == 100
                       and r.settings.get("spot_max") == 0), None)
     view = Table(title=title)
-    for name in ("policy", "cost $", "vs on-demand", "GPU-h on-demand", "GPU-h spot", "rows recomputed",
-                 "interruptions", "drain p50", "p95", "max", "SLO misses (jobs)", "fallback h"):
-        view.add_column(name, justify="left" if name == "policy" else "right")
+    view.add_column("")
     for r in results:
-        view.add_row(r.policy, f"{r.cost:,.2f}", f"{r.cost / reference:.1%}" if reference else "-",
-                     f"{r.gpu_hours_on_demand:,.1f}", f"{r.gpu_hours_spot:,.1f}", f"{r.rows_recomputed:,.0f}",
-                     str(r.interruptions), _dur(r.drain_p50_s), _dur(r.drain_p95_s), _dur(r.drain_max_s),
-                     f"{r.slo_misses:,} ({r.miss_fraction:.2%})", f"{r.fallback_hours:,.1f}")
+        view.add_column(r.policy, justify="right")
+    rows = {
+        "cost $": lambda r: f"{r.cost:,.0f}",
+        "vs all on-demand": lambda r: f"{r.cost / reference:.1%}" if reference else "-",
+        "GPU-h on-demand": lambda r: f"{r.gpu_hours_on_demand:,.0f}",
+        "GPU-h spot": lambda r: f"{r.gpu_hours_spot:,.0f}",
+        "interruptions": lambda r: str(r.interruptions),
+        "rows recomputed": lambda r: f"{r.rows_recomputed:,.0f}",
+        "drain p50": lambda r: _dur(r.drain_p50_s),
+        "drain p95": lambda r: _dur(r.drain_p95_s),
+        "drain max": lambda r: _dur(r.drain_max_s),
+        "SLO misses (jobs)": lambda r: f"{r.slo_misses:,}",
+        "SLO miss fraction": lambda r: f"{r.miss_fraction:.3%}",
+        "fallback hours": lambda r: f"{r.fallback_hours:,.1f}",
+    }
+    for name, cell in rows.items():
+        view.add_row(name, *(cell(r) for r in results))
     return view
 
 

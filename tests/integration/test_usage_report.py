@@ -4,7 +4,6 @@ and ``spotbatch scheduler report --json`` (a real process) reconciles with them.
 from __future__ import annotations
 
 import json
-import signal
 import subprocess
 import sys
 
@@ -12,6 +11,7 @@ import pytest
 
 from spotbatch.kafka_admin import ensure_topics, read_all
 from spotbatch.scheduler.prices import InstancePrice, save_prices
+from tests.fake_metadata import FakeAws
 from tests.integration.helpers import (  # noqa: F401 - worker_procs is an autouse fixture
     REPO_ROOT,
     assert_committed_to_end,
@@ -53,12 +53,15 @@ def test_report_reconciles_with_usage_records_of_real_workers(kafka_bootstrap, t
 
     spot = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, name="spot",
                         env=_pool_env(usage_topic, "spot", "g5.xlarge", 1))
-    ondemand = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, name="ondemand", burst=False,
-                            env=_pool_env(usage_topic, "on-demand", "p4d.24xlarge", 8))
-    wait_until(lambda: _committed_to_end(kafka_bootstrap, group, topic), 90, "all jobs committed",
-               every_s=0.5, workers=[spot, ondemand])
-    ondemand.signal(signal.SIGTERM)  # a stop with a reason: one interruption on its final record
-    wait_ok(spot, ondemand)
+    with FakeAws() as aws:  # the on-demand worker gets a spot notice: one interruption on its final record
+        env = {**_pool_env(usage_topic, "on-demand", "p4d.24xlarge", 8), "SPOTBATCH_AWS_METADATA_URL": aws.url,
+               "SPOTBATCH_NOTICE_POLL_S": "0.1"}
+        ondemand = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, name="ondemand", burst=False,
+                                env=env, args=["--notice-source", "aws"])
+        wait_until(lambda: _committed_to_end(kafka_bootstrap, group, topic), 90, "all jobs committed",
+                   every_s=0.5, workers=[spot, ondemand])
+        aws.notice(action="terminate", in_s=120)
+        wait_ok(spot, ondemand)
 
     records = [json.loads(r.value) for r in read_all(kafka_bootstrap, usage_topic)]
     usage = [r for r in records if r.get("kind") == "usage"]
