@@ -29,7 +29,10 @@ from spotbatch.embedded import start_or_external
 from spotbatch.fake_metadata import FakeAws
 from spotbatch.kafka_admin import ensure_topics, read_all
 from spotbatch.publish import publish_jobs, rows_to_jobs
-from spotbatch.scaler.local import GroupBacklog, LocalAutoscaler, ScalePolicy, WorkerPool
+from spotbatch.scaler.backlog import GroupBacklog
+from spotbatch.scaler.decide import ScalePolicy
+from spotbatch.scaler.local import LocalAutoscaler
+from spotbatch.scaler.procs import WorkerPool
 from spotbatch.workers.streams import dlq_topic, results_topic
 
 __all__ = ["DemoOptions", "DemoSummary", "run_demo", "sample_corpus"]

@@ -34,7 +34,7 @@ from typing import Iterable
 
 import numpy as np
 
-from spotbatch.scaler import local as autoscale  # the scaler's lag -> replicas decision, reused as is
+from spotbatch.scaler import decide as autoscale  # the scaler's lag -> replicas decision, reused as is
 from spotbatch.scheduler.pools import FallbackMemory, PoolConfig, PoolObservation, decide
 from spotbatch.scheduler.prices import InstancePrice
 from spotbatch.scheduler.traces import Trace

@@ -11,16 +11,10 @@ import sys
 import pytest
 from kafka.errors import KafkaConnectionError
 
-from spotbatch.scaler.local import (
-    Backlog,
-    LocalAutoscaler,
-    Observation,
-    ScalePolicy,
-    ScaleState,
-    WorkerCrashLoop,
-    WorkerPool,
-    decide,
-)
+from spotbatch.scaler.backlog import Backlog
+from spotbatch.scaler.decide import Observation, ScalePolicy, ScaleState, decide
+from spotbatch.scaler.local import LocalAutoscaler
+from spotbatch.scaler.procs import WorkerCrashLoop, WorkerPool
 
 POLICY = ScalePolicy(min_replicas=0, max_replicas=4, lag_threshold=10, cooldown_s=3.0)
 
