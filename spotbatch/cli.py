@@ -16,6 +16,7 @@ from rich.table import Table
 
 from spotbatch.config import ConfigError, load_settings
 from spotbatch.errors import JobError
+from spotbatch.kafka_security import client_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference on spot GPUs, fed by Kafka.")
 err = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line in logs
@@ -103,7 +104,8 @@ def publish(
     if "://" not in file and not Path(file).is_file():
         _fail(f"input file {file} does not exist; pass a JSONL or Parquet file (or s3://...)")
     try:
-        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, bootstrap_timeout_ms=5_000)
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, bootstrap_timeout_ms=5_000,
+                                 **client_options(settings))
     except Exception as exc:  # noqa: BLE001 - any connect failure gets the same fix
         _fail(f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}); pass --bootstrap HOST:PORT")
     progress = Progress(TextColumn("publishing"), BarColumn(), TextColumn("{task.completed} jobs"),

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -44,6 +44,16 @@ class Settings(BaseSettings):
     # "auto": leave the group on a clean stop, except on Tansu (see Worker._should_leave).
     leave_group: Literal["auto", "always", "never"] = "auto"
     max_partition_fetch_bytes: int = Field(16 * 1024 * 1024, ge=1024 * 1024)
+    # Kafka security (kafka-python's names; see spotbatch.kafka_security.client_options).
+    # With a non-SASL protocol the SASL username/password are ignored (a shared Secret
+    # may feed them to every pod).
+    kafka_security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    kafka_sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    kafka_sasl_username: str | None = None
+    kafka_sasl_password: SecretStr | None = None
+    kafka_ssl_cafile: str | None = None  # CA bundle (PEM) that signed the brokers' certificates
+    kafka_ssl_certfile: str | None = None  # client certificate (PEM), for mutual TLS
+    kafka_ssl_keyfile: str | None = None  # its private key (PEM), if not inside the certfile
 
     # Model and batching
     model: str = "minilm"
@@ -91,6 +101,32 @@ class Settings(BaseSettings):
     # Operations
     metrics_port: int = Field(0, ge=0, le=65535)
 
+    @model_validator(mode="after")
+    def _check_kafka_security(self) -> "Settings":
+        protocol = self.kafka_security_protocol
+        if protocol.startswith("SASL_"):
+            missing = [k for k in ("kafka_sasl_mechanism", "kafka_sasl_username", "kafka_sasl_password")
+                       if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"kafka_security_protocol {protocol} needs {', '.join(missing)}; set "
+                                 f"{', '.join('SPOTBATCH_' + k.upper() for k in missing)} (or use PLAINTEXT/SSL)")
+        elif self.kafka_sasl_mechanism:
+            raise ValueError(f"kafka_sasl_mechanism is set but kafka_security_protocol is {protocol}; "
+                             "set SPOTBATCH_KAFKA_SECURITY_PROTOCOL to SASL_SSL or SASL_PLAINTEXT, or unset the mechanism")
+        ssl_files = {k: getattr(self, k) for k in ("kafka_ssl_cafile", "kafka_ssl_certfile", "kafka_ssl_keyfile")}
+        given = [k for k, v in ssl_files.items() if v]
+        if given and not protocol.endswith("SSL"):
+            raise ValueError(f"{given[0]} is set but kafka_security_protocol is {protocol}; "
+                             "set SPOTBATCH_KAFKA_SECURITY_PROTOCOL to SSL or SASL_SSL, or unset the file")
+        if self.kafka_ssl_keyfile and not self.kafka_ssl_certfile:
+            raise ValueError("kafka_ssl_keyfile needs kafka_ssl_certfile (the client certificate it belongs to); "
+                             "set SPOTBATCH_KAFKA_SSL_CERTFILE")
+        for key in given:
+            if not Path(ssl_files[key]).is_file():
+                raise ValueError(f"{key} {ssl_files[key]} does not exist; point SPOTBATCH_{key.upper()} "
+                                 "at a readable PEM file (or unset it)")
+        return self
+
     def checkpoint_location(self) -> str:
         from spotbatch.storage import join_uri  # storage imports boto3; keep config light
 
@@ -130,7 +166,9 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:
 
 def _one_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    key = ".".join(str(p) for p in err["loc"]) or "<settings>"
+    key = ".".join(str(p) for p in err["loc"])
+    if not key:  # a cross-field check: its message names the keys and the fix
+        return str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"unknown setting {key!r}; valid keys: {', '.join(sorted(Settings.model_fields))}"
     return f"setting {key!r}: {err['msg']} (flag --{key.replace('_', '-')} or env SPOTBATCH_{key.upper()})"

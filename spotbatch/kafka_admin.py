@@ -38,14 +38,14 @@ _OFFSETS_FETCH_WAIT_MS = 5
 
 
 def ensure_topics(bootstrap: str, topics: Mapping[str, int], *,
-                  timeout_s: float = 10.0) -> dict[str, int]:
+                  timeout_s: float = 10.0, client_options: Mapping | None = None) -> dict[str, int]:
     """Create missing topics ({name: partitions}); wait until metadata shows them.
 
     Idempotent. An existing topic with fewer partitions than asked is an error (we do not
     silently repartition, which would move keys). Returns {name: partition count}.
     """
     deadline = time.monotonic() + timeout_s
-    with _admin(bootstrap) as admin:
+    with _admin(bootstrap, client_options) as admin:
         existing = set(admin.list_topics())
         _create(admin, {n: p for n, p in topics.items() if n not in existing})
         counts = _wait_for_partitions(admin, topics, deadline)
@@ -56,23 +56,25 @@ def ensure_topics(bootstrap: str, topics: Mapping[str, int], *,
     return counts
 
 
-def partition_count(bootstrap: str, topic: str) -> int:
+def partition_count(bootstrap: str, topic: str, *, client_options: Mapping | None = None) -> int:
     """Number of partitions of an existing topic (UnknownTopicOrPartitionError if none)."""
-    with _admin(bootstrap) as admin:
+    with _admin(bootstrap, client_options) as admin:
         return _describe(admin, [topic])[topic]
 
 
-def committed_offsets(bootstrap: str, group: str, topic: str) -> dict[int, int]:
+def committed_offsets(bootstrap: str, group: str, topic: str, *,
+                      client_options: Mapping | None = None) -> dict[int, int]:
     """{partition: committed offset} of a group on a topic; no commit -> no key."""
-    with _admin(bootstrap) as admin:
+    with _admin(bootstrap, client_options) as admin:
         offsets = admin.list_group_offsets(group).get(group, {})
     return {tp.partition: meta.offset for tp, meta in offsets.items()
             if tp.topic == topic and meta.offset >= 0}
 
 
-def log_end_offsets(bootstrap: str, topic: str, *, timeout_s: float = 10.0) -> dict[int, int]:
+def log_end_offsets(bootstrap: str, topic: str, *, timeout_s: float = 10.0,
+                    client_options: Mapping | None = None) -> dict[int, int]:
     """{partition: true log-end offset} (the offset the next record will get)."""
-    with _reader(bootstrap) as consumer:
+    with _reader(bootstrap, client_options) as consumer:
         ends = _true_log_ends(consumer, _partitions(consumer, topic), timeout_s)
     return {tp.partition: end for tp, end in ends.items()}
 
@@ -85,16 +87,19 @@ class OffsetReader:
     clients are not).
     """
 
-    def __init__(self, bootstrap: str, *, timeout_s: float = 10.0) -> None:
+    def __init__(self, bootstrap: str, *, timeout_s: float = 10.0, client_options: Mapping | None = None) -> None:
         self.bootstrap = bootstrap
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
+        self._seen_ends: dict[TopicPartition, int] = {}  # last high watermarks, see _true_log_ends
         self._admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="spotbatch-offsets",
-                                       request_timeout_ms=_REQUEST_TIMEOUT_MS)
+                                       request_timeout_ms=_REQUEST_TIMEOUT_MS, **(client_options or {}))
         self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="spotbatch-offsets",
                                        group_id=None, enable_auto_commit=False,
                                        auto_offset_reset="earliest", fetch_max_wait_ms=_OFFSETS_FETCH_WAIT_MS,
-                                       request_timeout_ms=_REQUEST_TIMEOUT_MS)
+                                       # partitions added to a topic count within 30 s, not kafka-python's 5 min
+                                       metadata_max_age_ms=30_000,
+                                       request_timeout_ms=_REQUEST_TIMEOUT_MS, **(client_options or {}))
 
     def group_committed(self, group: str) -> dict[tuple[str, int], int]:
         """{(topic, partition): committed offset} over every topic; -1 where none."""
@@ -115,9 +120,9 @@ class OffsetReader:
             tps = [tp for t in sorted(set(topics)) for tp in _partitions(self._consumer, t)]
             if not tps:
                 return {}
-            self._consumer.assign([])  # fresh partition state: no stale high watermark
-            ends = _true_log_ends(self._consumer, tps, self._timeout_s)
-            self._consumer.assign([])
+            # No assign([]) around the read: it drops all partition state and makes the
+            # next assign refresh metadata. _true_log_ends copes with state left over.
+            ends = _true_log_ends(self._consumer, tps, self._timeout_s, self._seen_ends)
         return {(tp.topic, tp.partition): ends[tp] for tp in tps}
 
     def read_ranges(self, ranges: Mapping[tuple[str, int], tuple[int, int]]) -> list[ConsumerRecord]:
@@ -127,13 +132,14 @@ class OffsetReader:
         if not wanted:
             return []
         with self._lock:
-            self._consumer.assign([])
+            # Partitions kept from the previous call keep their state; the seeks make a
+            # fetch buffered before this call count only if it starts at the same offset,
+            # and then its records are the same ones (offsets are immutable).
             self._consumer.assign(list(wanted))
             for tp, (start, _) in wanted.items():
                 self._consumer.seek(tp, start)
             deadline = time.monotonic() + self._timeout_s
             records = _read_until(self._consumer, {tp: end for tp, (_, end) in wanted.items()}, deadline)
-            self._consumer.assign([])
         # A fetch may start at a batch's base offset (Tansu): keep only the range asked.
         return sorted((r for r in records if r.offset >= wanted[TopicPartition(r.topic, r.partition)][0]),
                       key=lambda r: (r.topic, r.partition, r.offset))
@@ -144,12 +150,13 @@ class OffsetReader:
             self._admin.close()
 
 
-def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[ConsumerRecord]:
+def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0, *,
+             client_options: Mapping | None = None) -> list[ConsumerRecord]:
     """Every record of a topic (all partitions, from the start, no group), up to the log
     end as it was when the call began. Sorted by (partition, offset).
     """
     deadline = time.monotonic() + timeout_s
-    with _reader(bootstrap) as consumer:
+    with _reader(bootstrap, client_options) as consumer:
         tps = _partitions(consumer, topic)
         ends = _true_log_ends(consumer, tps, timeout_s)
         consumer.seek_to_beginning(*tps)
@@ -158,9 +165,9 @@ def read_all(bootstrap: str, topic: str, timeout_s: float = 30.0) -> list[Consum
 
 
 @contextmanager
-def _admin(bootstrap: str) -> Iterator[KafkaAdminClient]:
+def _admin(bootstrap: str, client_options: Mapping | None = None) -> Iterator[KafkaAdminClient]:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="spotbatch-admin",
-                             request_timeout_ms=_REQUEST_TIMEOUT_MS)
+                             request_timeout_ms=_REQUEST_TIMEOUT_MS, **(client_options or {}))
     try:
         yield admin
     finally:
@@ -168,12 +175,12 @@ def _admin(bootstrap: str) -> Iterator[KafkaAdminClient]:
 
 
 @contextmanager
-def _reader(bootstrap: str) -> Iterator[KafkaConsumer]:
+def _reader(bootstrap: str, client_options: Mapping | None = None) -> Iterator[KafkaConsumer]:
     """A consumer with no group: it never joins, commits or disturbs real consumers."""
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="spotbatch-reader",
                              group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", fetch_max_wait_ms=_POLL_MS,
-                             request_timeout_ms=_REQUEST_TIMEOUT_MS)
+                             request_timeout_ms=_REQUEST_TIMEOUT_MS, **(client_options or {}))
     try:
         yield consumer
     finally:
@@ -232,8 +239,8 @@ def _partitions(consumer: KafkaConsumer, topic: str) -> list[TopicPartition]:
     return [TopicPartition(topic, p) for p in sorted(ids)]
 
 
-def _true_log_ends(consumer: KafkaConsumer, tps: list[TopicPartition],
-                   timeout_s: float) -> dict[int, int]:
+def _true_log_ends(consumer: KafkaConsumer, tps: list[TopicPartition], timeout_s: float,
+                   seen: dict[TopicPartition, int] | None = None) -> dict[TopicPartition, int]:
     """Log ends from ListOffsets, corrected by the high watermark a fetch reports.
 
     Why: Tansu answers ListOffsets(latest) with (base offset of the last record batch)+1,
@@ -241,17 +248,36 @@ def _true_log_ends(consumer: KafkaConsumer, tps: list[TopicPartition],
     records in 4 partitions read back as 4. Its fetch responses carry the true high
     watermark. So we seek to the ListOffsets answer and fetch: on Kafka the fetch is
     empty and just confirms the answer; on Tansu it reads at most the last batch.
+
+    ``seen`` ({tp: high watermark seen before}, updated here) spares most fetches: a
+    watermark h seen at any earlier time is still the log end when ListOffsets now
+    answers <= h, because an append after h would make it answer >= h + 1 (Kafka: the
+    new end; Tansu: the new batch's base + 1, and that base is >= h). The same test
+    (watermark >= listed) tells a usable watermark from one left in the consumer's
+    partition state by an earlier call. Caveat: a topic deleted and recreated under the
+    same name with fewer records needs a new reader.
     """
     listed = consumer.end_offsets(tps)
-    consumer.assign(tps)
-    for tp in tps:
-        consumer.seek(tp, listed[tp])
-    deadline = time.monotonic() + timeout_s
-    while any(consumer.highwater(tp) is None for tp in tps):
-        if time.monotonic() > deadline:
-            raise KafkaTimeoutError(f"no fetch response for {tps} in {timeout_s:g}s")
-        consumer.poll(timeout_ms=_POLL_MS)  # records are dropped: we want the watermark
-    return {tp: consumer.highwater(tp) for tp in tps}
+    seen = {} if seen is None else seen
+    ends = {tp: seen[tp] for tp in tps if seen.get(tp, -1) >= listed[tp]}
+    need = [tp for tp in tps if tp not in ends]
+    if need:
+        consumer.assign(need)  # keeps the state of partitions already assigned
+        for tp in need:
+            consumer.seek(tp, listed[tp])
+
+        def fresh(tp: TopicPartition) -> bool:
+            hw = consumer.highwater(tp)
+            return hw is not None and hw >= listed[tp]
+
+        deadline = time.monotonic() + timeout_s
+        while not all(fresh(tp) for tp in need):
+            if time.monotonic() > deadline:
+                raise KafkaTimeoutError(f"no fetch response for {need} in {timeout_s:g}s")
+            consumer.poll(timeout_ms=_POLL_MS)  # records are dropped: we want the watermark
+        ends.update((tp, consumer.highwater(tp)) for tp in need)
+        seen.update(ends)
+    return ends
 
 
 def _read_until(consumer: KafkaConsumer, ends: dict[TopicPartition, int],

@@ -30,10 +30,11 @@ class GroupBacklog:
     a partition without a commit counts its whole log, which is what is unconsumed.
     """
 
-    def __init__(self, bootstrap: str, group: str, topic: str, *, lag_threshold: int, reader: Any = None) -> None:
+    def __init__(self, bootstrap: str, group: str, topic: str, *, lag_threshold: int, reader: Any = None,
+                 client_options: Mapping | None = None) -> None:
         self._group, self._topic = group, topic
         self._options = LagOptions(lag_threshold=lag_threshold, offset_reset_policy="earliest")
-        self._reader = reader or OffsetReader(bootstrap)
+        self._reader = reader or OffsetReader(bootstrap, client_options=client_options)
 
     def __call__(self) -> Backlog:
         committed, ends = read_offsets(self._reader, self._group, self._topic)

@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from spotbatch.kafka_security import client_options
+
 __all__ = ["register"]
 
 scaler_app = typer.Typer(no_args_is_help=True, help="KEDA external scaler.")
@@ -112,7 +114,8 @@ def lag(
     try:
         options = LagOptions(lag_threshold=lag_threshold, activation_lag_threshold=activation_lag_threshold,
                              offset_reset_policy=offset_reset_policy, allow_idle_consumers=allow_idle_consumers)
-        report = _lag_report(settings.kafka_bootstrap, group, topic, options, min_replicas, max_replicas)
+        report = _lag_report(settings.kafka_bootstrap, group, topic, options, min_replicas, max_replicas,
+                             client_options=client_options(settings))
     except (LagError, ValueError) as exc:
         _fail(str(exc))
     if as_json:
@@ -121,7 +124,8 @@ def lag(
         _print_lag(report)
 
 
-def _lag_report(bootstrap: str, group: str, topic: Optional[str], options, min_replicas: int, max_replicas: int) -> dict:
+def _lag_report(bootstrap: str, group: str, topic: Optional[str], options, min_replicas: int, max_replicas: int,
+                *, client_options=None) -> dict:
     from kafka.errors import KafkaError
 
     from spotbatch.kafka_admin import OffsetReader
@@ -130,7 +134,7 @@ def _lag_report(bootstrap: str, group: str, topic: Optional[str], options, min_r
 
     bounds = policy.ReplicaBounds(min_replicas=min_replicas, max_replicas=max_replicas)
     try:
-        reader = OffsetReader(bootstrap)
+        reader = OffsetReader(bootstrap, client_options=client_options)
     except KafkaError as exc:
         raise LagError(f"cannot reach Kafka at {bootstrap} ({exc}); pass --bootstrap HOST:PORT") from None
     try:
@@ -195,10 +199,12 @@ def serve(
 
         try:
             splitter = live_splitter(usage_topic=settings.usage_topic, default_bootstrap=bootstrap or settings.kafka_bootstrap,
-                                     namespace=namespace, kubeconfig=kubeconfig)
+                                     namespace=namespace, kubeconfig=kubeconfig,
+                                     client_options=client_options(settings))
         except Exception as exc:  # noqa: BLE001 - kubernetes.config raises several types for one fix
             _fail(f"--pools needs Kubernetes access ({exc}); run in-cluster or pass --kubeconfig FILE")
-    source = LagSource(cache_s=cache_s, usage_topic=settings.usage_topic, checkpoints=checkpoints, splitter=splitter)
+    source = LagSource(cache_s=cache_s, usage_topic=settings.usage_topic, checkpoints=checkpoints, splitter=splitter,
+                       client_options=client_options(settings))
     try:
         server = start(port=port, metrics_port=metrics_port, host=host, source=source,
                        default_bootstrap=bootstrap or settings.kafka_bootstrap)

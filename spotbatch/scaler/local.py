@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from spotbatch.kafka_security import client_options
 from spotbatch.retry import is_transient_kafka
 from spotbatch.scaler.backlog import Backlog, GroupBacklog
 from spotbatch.scaler.decide import Decision, Observation, ScalePolicy, ScaleState, decide
@@ -203,7 +204,7 @@ def run_scale_local(settings: Any, *, worker_args: Sequence[str], log_dir: Path 
     quiet.setLevel(logging.CRITICAL)  # an unreachable broker: the one-line error below says it all
     try:
         observe = GroupBacklog(settings.kafka_bootstrap, settings.group, settings.topic,
-                               lag_threshold=policy.lag_threshold)
+                               lag_threshold=policy.lag_threshold, client_options=client_options(settings))
     except KafkaError:
         raise ValueError(f"cannot reach Kafka at {settings.kafka_bootstrap}; pass --bootstrap HOST:PORT") from None
     finally:

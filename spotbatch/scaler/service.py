@@ -16,6 +16,7 @@ pool's share of the total and we serve ``share x target`` (active = share > 0).
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import re
@@ -181,13 +182,15 @@ class LagSource:
     def __init__(self, *, cache_s: float = 2.0, usage_topic: str = "spotbatch.usage", checkpoints=None,
                  splitter: PoolSplitter | None = None, rate_window_s: float = 600.0,
                  reader_factory: Callable[[str], object] | None = None,
+                 client_options: Mapping | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
         self.cache_s = cache_s
         self.splitter = splitter
         self._usage_topic = usage_topic
         self._checkpoints = checkpoints
         self._rate_window_s = rate_window_s
-        self._reader_factory = reader_factory or _offset_reader
+        # client_options (kafka_security.client_options): used for every trigger's Kafka.
+        self._reader_factory = reader_factory or functools.partial(_offset_reader, client_options=client_options)
         self._clock = clock
         self._lock = threading.Lock()
         self._key_locks: dict[tuple, threading.Lock] = {}
@@ -261,13 +264,13 @@ class LagSource:
             reader.close()
 
 
-def _offset_reader(bootstrap: str):
+def _offset_reader(bootstrap: str, *, client_options: Mapping | None = None):
     from kafka.errors import KafkaError
 
     from spotbatch.kafka_admin import OffsetReader
 
     try:
-        return OffsetReader(bootstrap)
+        return OffsetReader(bootstrap, client_options=client_options)
     except KafkaError as exc:
         raise LagError(f"cannot reach Kafka at {bootstrap} ({exc}); check bootstrapServers") from None
 

@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from spotbatch.kafka_security import client_options
+
 __all__ = ["register"]
 
 scheduler_app = typer.Typer(no_args_is_help=True, help="Hybrid spot/on-demand scheduler: costs, plans, reports.")
@@ -127,7 +129,7 @@ def report(
     table, source = _report_prices(prices_file)
     try:
         window = Window.parse(None if since == "all" else since, until)
-        ledger = read_ledger(settings.kafka_bootstrap, settings.usage_topic)
+        ledger = read_ledger(settings.kafka_bootstrap, settings.usage_topic, client_options=client_options(settings))
         result = rep.compute_report(ledger, table, window, prices_source=source, bucket_s=bucket_s)
     except (LedgerError, rep.UnpricedError) as exc:
         _fail(str(exc))

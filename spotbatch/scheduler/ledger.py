@@ -232,14 +232,15 @@ def _decode(value: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def read_ledger(bootstrap: str, topic: str, *, timeout_s: float = 30.0) -> Ledger:
+def read_ledger(bootstrap: str, topic: str, *, timeout_s: float = 30.0,
+                client_options: Mapping | None = None) -> Ledger:
     """Every usage record on ``topic`` up to its current end (no consumer group)."""
     from kafka.errors import KafkaError  # kafka stays off the import path of pure users
 
     from spotbatch.kafka_admin import read_all
 
     try:
-        records = read_all(bootstrap, topic, timeout_s=timeout_s)
+        records = read_all(bootstrap, topic, timeout_s=timeout_s, client_options=client_options)
     except KafkaError as exc:
         detail = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
         raise LedgerError(f"cannot read usage topic {topic!r} at {bootstrap} ({detail}); "

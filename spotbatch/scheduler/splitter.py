@@ -50,7 +50,8 @@ class HybridSplitter:
 
 def live_splitter(*, usage_topic: str, default_bootstrap: str | None, namespace: str = "spotbatch",
                   kubeconfig: str | None = None, context: str | None = None,
-                  rate_window_s: float = 3600.0, state_cache_s: float = 2.0) -> HybridSplitter:
+                  rate_window_s: float = 3600.0, state_cache_s: float = 2.0,
+                  client_options: Mapping | None = None) -> HybridSplitter:
     """The splitter `spotbatch scaler serve --pools` runs: spot readiness from the
     Kubernetes API, interruption rates from the usage topic of each trigger's Kafka."""
     from spotbatch.kafka_admin import OffsetReader
@@ -64,7 +65,7 @@ def live_splitter(*, usage_topic: str, default_bootstrap: str | None, namespace:
         bootstrap = metadata.get("bootstrapServers") or default_bootstrap or ""
         with lock:
             if bootstrap not in states:
-                rates = InterruptionRates(OffsetReader(bootstrap), usage_topic, window_s=rate_window_s) if bootstrap else None
+                rates = InterruptionRates(OffsetReader(bootstrap, client_options=client_options), usage_topic, window_s=rate_window_s) if bootstrap else None
                 states[bootstrap] = LivePoolState(deployments, rates.rate if rates else None, cache_s=state_cache_s)
             return states[bootstrap]
 

@@ -26,6 +26,7 @@ from spotbatch import chaos
 from spotbatch.config import Settings
 from spotbatch.errors import JobError
 from spotbatch.jobs import InlineInputs, Job, parse_job
+from spotbatch.kafka_security import client_options
 from spotbatch.retry import kafka_retry, model_retry
 from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, store_for_checkpoints
 from spotbatch.workers.batcher import Batcher, PendingJob
@@ -182,7 +183,8 @@ class Worker:
            keep turning until nothing is in flight, or only the final reserve is left;
            what does not fit is abandoned (at most the batches in flight).
         4. Commit what is durable. Unfinished work stays uncommitted: redelivered later.
-        5. Record the interruption (rows lost, drain seconds) on the usage topic.
+        5. Record the stop (reason, rows lost, drain seconds) and the final usage
+           record on the usage topic.
         6. Flush the side streams and close the consumer, which leaves the group.
         """
         started, deadline = time.monotonic(), self._stop_at
@@ -559,6 +561,7 @@ class Worker:
             max_poll_interval_ms=s.max_poll_interval_ms,
             max_partition_fetch_bytes=s.max_partition_fetch_bytes,
             fetch_max_bytes=max(s.max_partition_fetch_bytes, 52_428_800),
+            **client_options(s),
         )
 
     def _make_producer(self) -> KafkaProducer:
@@ -568,6 +571,7 @@ class Worker:
             acks="all",
             linger_ms=5,
             max_request_size=self.settings.max_partition_fetch_bytes,
+            **client_options(self.settings),
         )
 
 

@@ -186,6 +186,38 @@ def _env(dep: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
 
 
+def _secret_env(overlay: str, dep: dict) -> dict[str, str]:
+    """Env fed from Secrets (secretKeyRef), resolved against the rendered Secrets."""
+    (container,) = pod_containers(dep)
+    env = {}
+    for e in container.get("env", []):
+        ref = e.get("valueFrom", {}).get("secretKeyRef")
+        if ref:
+            secret = find(overlay, "Secret", ref["name"])
+            if secret is not None and ref["key"] in secret.get("stringData", {}):
+                env[e["name"]] = secret["stringData"][ref["key"]]
+    return env
+
+
+@overlays
+def test_pods_get_kafka_credentials_from_the_keda_auth_secret(overlay):
+    """Workers and the scaler read the same Secret as KEDA's TriggerAuthentication, and
+    still start without it (optional), e.g. on a plaintext Kafka."""
+    auth_secrets = {ref["name"] for auth in objects(overlay, "TriggerAuthentication")
+                    for ref in auth["spec"]["secretTargetRef"]}
+    for dep in objects(overlay, "Deployment"):
+        (container,) = pod_containers(dep)
+        refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in container.get("env", [])
+                if "secretKeyRef" in e.get("valueFrom", {})}
+        name = dep["metadata"]["name"]
+        assert refs["SPOTBATCH_KAFKA_SASL_USERNAME"]["key"] == "username", name
+        assert refs["SPOTBATCH_KAFKA_SASL_PASSWORD"]["key"] == "password", name
+        for ref in refs.values():
+            assert ref["optional"] is True, name
+            assert not auth_secrets or ref["name"] in auth_secrets, name
+            assert find(overlay, "Secret", ref["name"]) is not None, name
+
+
 @overlays
 def test_pod_env_is_valid_spotbatch_settings(overlay, monkeypatch):
     """The ConfigMap plus each worker's env must load as Settings (a typo'd key or value
@@ -194,7 +226,7 @@ def test_pod_env_is_valid_spotbatch_settings(overlay, monkeypatch):
     for dep in objects(overlay, "Deployment"):
         (container,) = pod_containers(dep)
         assert {"configMapRef": {"name": "spotbatch-config"}} in container["envFrom"]
-        env = {**data, **_env(dep)}
+        env = {**data, **_env(dep), **_secret_env(overlay, dep)}
         for key in [k for k in os.environ if k.startswith("SPOTBATCH_")]:
             monkeypatch.delenv(key)
         for key, value in env.items():
