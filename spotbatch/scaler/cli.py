@@ -105,8 +105,10 @@ def lag(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]."),
 ) -> None:
-    """Per-partition and total lag of a consumer group, as KEDA's kafka trigger sees it,
-    and the replicas KEDA + HPA would want."""
+    """A consumer group's lag as KEDA's kafka trigger sees it, and the replicas it would want.
+
+    Per partition: committed offset, true log end, lag; then the total, whether the
+    trigger is active, and the replicas KEDA + the HPA would ask for."""
     from spotbatch.cli import _fail, _settings
     from spotbatch.scaler.lag import LagError, LagOptions
 

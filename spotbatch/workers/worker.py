@@ -389,9 +389,9 @@ class Worker:
         process. Holding back a batch only helps while a write or an inference is on its
         way; with neither, a unit larger than the interval must go on to finish at all.
         """
-        at_risk = self._inference.rows_in_flight + sum(unit.rows_inferred for unit in self._live)
         if not (self._writes or self._inference.in_flight):
             return True
+        at_risk = self._inference.rows_in_flight + sum(unit.rows_inferred for unit in self._live)
         limit = max(self.interval.rows(self._rows_per_s), self.settings.max_batch_rows)
         return at_risk + self.settings.max_batch_rows <= limit
 
