@@ -129,7 +129,8 @@ def report(
     table, source = _report_prices(prices_file)
     try:
         window = Window.parse(None if since == "all" else since, until)
-        ledger = read_ledger(settings.kafka_bootstrap, settings.usage_topic, client_options=client_options(settings))
+        ledger = read_ledger(settings.kafka_bootstrap, settings.usage_topic, window=window,
+                             client_options=client_options(settings))
         result = rep.compute_report(ledger, table, window, prices_source=source, bucket_s=bucket_s)
     except (LedgerError, rep.UnpricedError) as exc:
         _fail(str(exc))

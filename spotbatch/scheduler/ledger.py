@@ -9,6 +9,11 @@ Window rule: seconds, rows and jobs spread evenly over a record's interval and c
 pro rata to its overlap with the window [since, until); interruptions and rows
 recomputed happen at a record's end and count when the end lies in (since, until], so
 a record wholly inside a window counts in full and adjacent windows split it exactly.
+
+Reading: a record is published when the interval it covers ends, so one that touches
+a window starting at ``since`` has a Kafka timestamp >= since, give or take clock
+skew. ``read_ledger`` with a window therefore reads each partition only from the first
+record stamped >= since - LOOKBACK_MARGIN_S, and decodes only records stamped so.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
 
-__all__ = ["UsageRecord", "Window", "Usage", "Ledger", "LedgerError", "parse_when", "read_ledger", "POOLS"]
+__all__ = ["UsageRecord", "Window", "Usage", "Ledger", "LedgerError", "parse_when", "read_ledger", "POOLS", "LOOKBACK_MARGIN_S"]
 
 POOLS = ("spot", "on-demand")
 _VERSION = 1
@@ -30,6 +35,12 @@ _NUMBERS = ("start", "end", "seconds_alive", "seconds_busy")
 _COUNTS = ("gpus", "rows", "jobs", "interruptions", "rows_recomputed")
 _RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhdw])$")
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+# How far before ``since`` a windowed read starts, by Kafka timestamp. A record's
+# timestamp is the producer's wall clock at send (the interval's end, see
+# spotbatch/workers/usage.py), its ``end`` the worker's anchored clock: they differ by
+# skew between machines and by wall-clock steps since the worker started. 10 minutes
+# covers both with room; the cost of more is only records read and dropped.
+LOOKBACK_MARGIN_S = 600.0
 
 
 class LedgerError(ValueError):
@@ -159,11 +170,13 @@ class Ledger:
     duplicates: int = 0  # redelivered records (same record_id) ignored
     skipped: int = 0  # other kinds (interruption) or versions this reader does not know
     malformed: int = 0
+    decoded: int = 0  # values looked at: a windowed read passes over older records undecoded
 
     @classmethod
     def from_values(cls, values: Iterable[bytes | str | Mapping[str, Any]]) -> Ledger:
         ledger, seen = cls([]), set()
         for value in values:
+            ledger.decoded += 1
             body = _decode(value)
             if body is None:
                 ledger.malformed += 1
@@ -232,17 +245,29 @@ def _decode(value: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
     return body if isinstance(body, dict) else None
 
 
-def read_ledger(bootstrap: str, topic: str, *, timeout_s: float = 30.0,
+def read_ledger(bootstrap: str, topic: str, *, window: Window | None = None, timeout_s: float = 30.0,
                 client_options: Mapping | None = None) -> Ledger:
-    """Every usage record on ``topic`` up to its current end (no consumer group)."""
+    """The usage records on ``topic`` up to its current end (no consumer group).
+
+    Without a window (or one with no ``since``): every record. With one: only the records
+    that can touch it, those with a Kafka timestamp >= since - LOOKBACK_MARGIN_S; each
+    partition is read from the first such offset where the broker can say (else from its
+    start), and older records read anyway are dropped before decoding, so the window's
+    figures are the same either way and the same as from a full read.
+    """
     from kafka.errors import KafkaError  # kafka stays off the import path of pure users
 
     from spotbatch.kafka_admin import read_all
 
+    since_ms = None
+    if window is not None and window.since is not None:
+        since_ms = max(0, math.floor((window.since - LOOKBACK_MARGIN_S) * 1000))
     try:
-        records = read_all(bootstrap, topic, timeout_s=timeout_s, client_options=client_options)
+        records = read_all(bootstrap, topic, timeout_s=timeout_s, since_ms=since_ms, client_options=client_options)
     except KafkaError as exc:
         detail = str(exc) if type(exc).__name__ in str(exc) else f"{type(exc).__name__}: {exc}"
         raise LedgerError(f"cannot read usage topic {topic!r} at {bootstrap} ({detail}); "
                           f"check --bootstrap and --usage-topic") from None
+    if since_ms is not None:  # a record without a timestamp (< 0) is kept
+        records = [r for r in records if r.timestamp is None or r.timestamp < 0 or r.timestamp >= since_ms]
     return Ledger.from_values(r.value for r in records)

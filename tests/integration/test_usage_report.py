@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 import sys
 
 import pytest
 
 from spotbatch.kafka_admin import ensure_topics, read_all
 from spotbatch.scheduler.prices import InstancePrice, save_prices
+from spotbatch.scheduler.report import report_json
 from tests.fake_metadata import FakeAws
 from tests.integration.helpers import (  # noqa: F401 - worker_procs is an autouse fixture
     REPO_ROOT,
@@ -109,3 +111,52 @@ def test_report_reconciles_with_usage_records_of_real_workers(kafka_bootstrap, t
     assert report["total"]["savings"] == pytest.approx(
         sum(r["seconds_alive"] / 3600 * (1.006 - 0.3622) for r in usage if r["pool"] == "spot"), rel=1e-9)
     assert (tmp_path / "cost.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_windowed_read_skips_old_records_and_matches_the_full_read(kafka_bootstrap):
+    """Usage records stamped over 5 days: a read for a window reads (decodes) only the
+    records stamped from since - LOOKBACK_MARGIN_S on, and prices the window exactly as
+    the full read does; whether or not the broker can look offsets up by timestamp."""
+    from kafka import KafkaProducer
+
+    from spotbatch.scheduler.ledger import LOOKBACK_MARGIN_S, Window, read_ledger
+    from spotbatch.scheduler.report import compute_report
+
+    usage_topic = f"usage-window-{new_group()}"
+    ensure_topics(kafka_bootstrap, {usage_topic: 2})
+    t_end = float(int(time.time()) // 3600 * 3600)
+    t0, hour = t_end - 5 * 86400, 3600.0
+    skew = {"a": 0.0, "b": -300.0}  # b's clock runs 5 minutes behind: Kafka stamps it early
+    sent: list[tuple[dict, int]] = []
+    for worker, pool in (("a", "spot"), ("b", "on-demand")):
+        for i in range(120):
+            start = t0 + i * hour + (1234.5 if worker == "b" else 0.0)
+            body = {"v": 1, "kind": "usage", "record_id": f"{worker}-{i}", "worker": worker, "pool": pool,
+                    "instance_type": "g5.xlarge", "gpus": 1, "start": start, "end": start + hour,
+                    "seconds_alive": hour, "seconds_busy": hour * 0.4, "rows": 100 + i, "jobs": 3,
+                    "interruptions": int(i % 7 == 0), "rows_recomputed": i % 5, "final": False, "at": start + hour}
+            sent.append((body, int((start + hour + skew[worker]) * 1000)))
+    sent.append((sent[3][0], sent[3][1]))  # an old redelivery
+    sent.append((sent[200][0], sent[200][1] + 60_000))  # a recent one
+    sent.append(({"v": 1, "kind": "interruption", "worker": "a"}, int((t_end - 7200) * 1000)))
+    producer = KafkaProducer(bootstrap_servers=kafka_bootstrap, linger_ms=20)
+    for body, ts in sent:
+        producer.send(usage_topic, key=body["worker"].encode(), value=json.dumps(body).encode(), timestamp_ms=ts)
+    producer.flush(30)
+    producer.close()
+
+    full = read_ledger(kafka_bootstrap, usage_topic)
+    assert full.decoded == len(sent) and len(full.records) == 240 and full.duplicates == 2
+    for since, until in ((t_end - 30 * hour, t_end - 6 * hour), (t_end - 86400 - 1800.25, None),
+                         (t_end - 2 * hour, t_end + hour)):
+        window = Window(since, until)
+        part = read_ledger(kafka_bootstrap, usage_topic, window=window)
+        cutoff_ms = (since - LOOKBACK_MARGIN_S) * 1000
+        assert part.decoded == sum(ts >= cutoff_ms for _, ts in sent) < len(sent) / 3  # the old ones were skipped
+        assert part.totals(window) == full.totals(window) != {}
+        assert part.span(window) == full.span(window)
+        assert part.timeline(window, 1800) == full.timeline(window, 1800)
+        a, b = (report_json(compute_report(led, PRICES, window)) for led in (part, full))
+        for counter in ("duplicates", "skipped", "malformed"):  # of the records read
+            a.pop(counter), b.pop(counter)
+        assert a == b

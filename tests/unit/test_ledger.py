@@ -102,3 +102,31 @@ def test_record_validation():
         UsageRecord.parse({**usage(0, T0 + 10, T0), "seconds_alive": 1})  # ends before it starts
     with pytest.raises(KeyError):
         UsageRecord.parse({k: v for k, v in usage(0, T0, T0 + 1).items() if k != "gpus"})
+
+
+def test_timestamp_lookup_falls_back_to_the_start_where_the_broker_cannot_say():
+    from kafka import TopicPartition
+    from kafka.errors import UnsupportedVersionError
+    from kafka.structs import OffsetAndTimestamp
+
+    from spotbatch.kafka_admin import _offsets_at
+
+    tps = [TopicPartition("u", p) for p in range(4)]
+    ends = dict.fromkeys(tps, 50)
+    answers = {tps[0]: OffsetAndTimestamp(7, 1_000, -1),  # usable
+               tps[1]: None,  # no record that new: read from the start
+               tps[2]: OffsetAndTimestamp(9, 999, -1),  # older than asked: not trusted
+               tps[3]: OffsetAndTimestamp(80, 2_000, -1)}  # beyond the end read: clamped
+
+    class Consumer:
+        def __init__(self, answer):
+            self.answer = answer
+
+        def offsets_for_times(self, query):
+            assert set(query.values()) == {1_000}
+            if isinstance(self.answer, Exception):
+                raise self.answer
+            return self.answer
+
+    assert _offsets_at(Consumer(answers), tps, 1_000, ends) == {tps[0]: 7, tps[3]: 50}
+    assert _offsets_at(Consumer(UnsupportedVersionError("too old")), tps, 1_000, ends) == {}
