@@ -91,6 +91,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from procstat import proc_cpu_s, schedstat, threads_sched  # bench/procstat.py
+
 EFFICIENCY_TARGET = 0.90
 BATCHING_GAIN_TARGET = 2.0
 _LOG_TS = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
@@ -129,14 +131,14 @@ class RawLoop:
     def measure(self, rows: list[dict], batch_rows: int) -> dict[str, Any]:
         values = [r[self.handler.input_column] for r in rows]
         self.runner.run(values[:batch_rows], self.params)  # warm-up, not timed
-        sched0 = _schedstat("/proc/thread-self/schedstat")
+        sched0 = schedstat("/proc/thread-self/schedstat")
         t0 = time.perf_counter()
         batches = 0
         for i in range(0, len(values), batch_rows):
             self.runner.run(values[i : i + batch_rows], self.params)
             batches += 1
         seconds = time.perf_counter() - t0
-        sched1 = _schedstat("/proc/thread-self/schedstat")
+        sched1 = schedstat("/proc/thread-self/schedstat")
         return {"rows": len(values), "batch_rows": batch_rows, "batches": batches, "seconds": round(seconds, 3),
                 "rows_per_s": round(len(values) / seconds, 1), "thread": _sched_split(seconds, sched0, sched1)}
 
@@ -157,15 +159,6 @@ def combine_raw(passes: list[dict], load_s: float) -> dict[str, Any]:
     return {"rows": passes[0]["rows"], "rows_timed": rows, "warnings": warnings, "seconds": round(seconds, 3),
             "rows_per_s": round(rows / seconds, 1), "passes_rows_per_s": [p["rows_per_s"] for p in passes],
             "model_load_s": load_s, "thread": thread}
-
-
-def _schedstat(path: str) -> tuple[float, float] | None:
-    """(seconds on a CPU, seconds runnable but waiting for a CPU) of one thread."""
-    try:
-        run_ns, wait_ns, _ = Path(path).read_text().split()
-    except (OSError, ValueError):
-        return None
-    return int(run_ns) / 1e9, int(wait_ns) / 1e9
 
 
 def _sched_split(wall_s: float, before: tuple[float, float] | None, after: tuple[float, float] | None) -> dict | None:
@@ -334,8 +327,8 @@ def _watch(pid: int, output: Path, log_path: Path, jobs: int, committed, ends: d
                 t_commit = time.time()
                 # the commit happened after the last negative observation (scan or probe)
                 uncertainty = t_commit - (last_negative or t_spawn)
-                cpu_end = _proc_cpu_s(pid)
-                threads_at_commit = _threads_sched(pid)
+                cpu_end = proc_cpu_s(pid)
+                threads_at_commit = threads_sched(pid)
             else:
                 last_negative = sent
         waited, status, usage = os.wait4(pid, os.WNOHANG)
@@ -345,7 +338,7 @@ def _watch(pid: int, output: Path, log_path: Path, jobs: int, committed, ends: d
         if cpu_at_assign is None:
             cpu_at_assign = _cpu_if_assigned(pid, log_path)
             if cpu_at_assign is not None:
-                threads_at_assign, t_threads_at_assign = _threads_sched(pid), time.time()
+                threads_at_assign, t_threads_at_assign = threads_sched(pid), time.time()
         if time.monotonic() > deadline:
             os.kill(pid, 9)
             os.wait4(pid, 0)
@@ -386,32 +379,10 @@ def _cpu_if_assigned(pid: int, log: Path) -> float | None:
     """The worker's CPU seconds once its log shows the assignment (within ~10 ms)."""
     try:
         if b" assigned [" in log.read_bytes():
-            return _proc_cpu_s(pid)
+            return proc_cpu_s(pid)
     except OSError:
         pass
     return None
-
-
-def _proc_cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _threads_sched(pid: int) -> dict[int, tuple[float, float]]:
-    """{tid: (on-CPU s, waiting-for-CPU s)} for every thread of ``pid``."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        stat = _schedstat(f"/proc/{pid}/task/{tid}/schedstat")
-        if stat is not None:
-            out[int(tid)] = stat
-    return out
 
 
 def _vmhwm_kb(pid: int) -> int:

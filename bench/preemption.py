@@ -117,6 +117,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable
 
+from procstat import proc_cpu_s, threads_sched  # bench/procstat.py
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:  # for tests.fake_metadata, where the package has no fakes
     sys.path.append(str(REPO_ROOT))
@@ -575,14 +577,14 @@ def overhead_run(variant: str, interval: str, bootstrap: str, args: argparse.Nam
             if time.monotonic() > deadline:
                 raise TimeoutError(f"overhead run {variant}: worker still running\n{w.tail()}")
             if at_assign is None and b" assigned [0]" in w.log_path.read_bytes():
-                at_assign = (_proc_cpu_s(w.pid), _threads_sched(w.pid))  # within ~20 ms of the log line
+                at_assign = (proc_cpu_s(w.pid), threads_sched(w.pid))  # within ~20 ms of the log line
             if t_commit is None:
                 if manifest.exists():
                     sent = time.time()
                     offsets = admin.list_group_offsets(group).get(group, {})
                     if any(tp.topic == topic and m.offset >= 1 for tp, m in offsets.items()):
                         t_commit = time.time()
-                        at_commit = (_proc_cpu_s(w.pid), _threads_sched(w.pid))
+                        at_commit = (proc_cpu_s(w.pid), threads_sched(w.pid))
                         # Measured: stop now rather than wait for the 2 s burst idle check.
                         w.proc.send_signal(signal.SIGTERM)
                     else:
@@ -617,30 +619,6 @@ def overhead_run(variant: str, interval: str, bootstrap: str, args: argparse.Nam
             "model_load_and_join_s": round(t_assigned - w.t_spawn, 2),
             "cpu_s": round(at_commit[0] - at_assign[0], 2) if at_assign and at_commit else None,
             "inference_thread": inference, "other_threads_cpu_s": round(sum(t["on_cpu_s"] for t in threads[1:]), 2)}
-
-
-def _proc_cpu_s(pid: int) -> float:
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def _threads_sched(pid: int) -> dict[int, tuple[float, float]]:
-    """{tid: (seconds on a CPU, seconds runnable but waiting for one)} from schedstat."""
-    out = {}
-    try:
-        tids = os.listdir(f"/proc/{pid}/task")
-    except OSError:
-        return out
-    for tid in tids:
-        try:
-            run_ns, wait_ns, _ = Path(f"/proc/{pid}/task/{tid}/schedstat").read_text().split()
-        except (OSError, ValueError):
-            continue
-        out[int(tid)] = (int(run_ns) / 1e9, int(wait_ns) / 1e9)
-    return out
 
 
 def _thread_deltas(wall_s: float, before: dict, after: dict) -> list[dict]:

@@ -41,11 +41,16 @@ _PORT_ATTEMPTS = 3
 
 
 class EmbeddedBroker:
-    """A Tansu process on a loopback port. ``with EmbeddedBroker() as b: b.bootstrap``."""
+    """A Tansu process on a loopback port. ``with EmbeddedBroker() as b: b.bootstrap``.
 
-    def __init__(self, *, port: int | None = None, startup_timeout_s: float = 15.0,
+    ``advertised`` ("host:port") makes it tell clients to connect elsewhere after
+    bootstrap, e.g. through a TCP proxy that the fault tests cut.
+    """
+
+    def __init__(self, *, port: int | None = None, advertised: str | None = None, startup_timeout_s: float = 15.0,
                  stop_timeout_s: float = 5.0) -> None:
         self._wanted_port = port
+        self._advertised = advertised
         self._startup_timeout_s = startup_timeout_s
         self._stop_timeout_s = stop_timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
@@ -116,8 +121,9 @@ class EmbeddedBroker:
         log_dir = Path(tempfile.mkdtemp(prefix="spotbatch-tansu-"))
         log_path = log_dir / "tansu.log"
         url = f"tcp://{_HOST}:{port}"
+        advertised = f"tcp://{self._advertised}" if self._advertised else url
         cmd = [_broker_bin(), "broker", "--listener-url", url,
-               "--advertised-listener-url", url, "--storage-engine", "memory://tansu/"]
+               "--advertised-listener-url", advertised, "--storage-engine", "memory://tansu/"]
         with open(log_path, "wb") as log:
             # New session: a terminal Ctrl-C reaches only us, so we stop the broker
             # after workers have made their final commits, not before.

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from spotbatch.errors import JobError
 from spotbatch.jobs import Job, parse_job
+from spotbatch.usage_tail import UsageTail
 
 __all__ = [
     "JobRows",
@@ -204,38 +205,13 @@ class UsageRates:
 
     def __init__(self, reader, topic: str, *, window_s: float = 600.0,
                  clock: Callable[[], float] = time.time, max_samples: int = 100_000) -> None:
-        self._reader = reader  # kafka_admin.OffsetReader
-        self._topic = topic
+        self._tail = UsageTail(reader, topic, parse=_usage_sample, record_id=lambda s: s.record_id,
+                               end=lambda s: s.end, window_s=window_s, clock=clock, max_items=max_samples)
         self._window_s = window_s
         self._clock = clock
-        self._max = max_samples
-        self._samples: OrderedDict[str, UsageSample] = OrderedDict()
-        self._next: dict[TopicPartitionKey, int] = {}
-        self._lock = threading.Lock()
 
     def rate(self, default: float) -> float:
-        with self._lock:
-            self._poll()
-            return learned_rate(self._samples.values(), now=self._clock(), window_s=self._window_s, default=default)
-
-    def _poll(self) -> None:
-        from kafka.errors import UnknownTopicOrPartitionError
-
-        try:
-            ends = self._reader.log_ends([self._topic])
-        except UnknownTopicOrPartitionError:
-            return  # no worker has reported yet
-        ranges = {tp: (self._next.get(tp, 0), end) for tp, end in ends.items()}
-        for record in self._reader.read_ranges(ranges):
-            sample = _usage_sample(record.value)
-            if sample is not None:
-                self._samples[sample.record_id] = sample  # same record_id: counted once
-        self._next.update({tp: end for tp, (_, end) in ranges.items()})
-        horizon = self._clock() - self._window_s
-        for rid in [rid for rid, s in self._samples.items() if s.end < horizon]:
-            del self._samples[rid]
-        while len(self._samples) > self._max:
-            self._samples.popitem(last=False)
+        return learned_rate(self._tail.items(), now=self._clock(), window_s=self._window_s, default=default)
 
 
 def _usage_sample(value: bytes | None) -> UsageSample | None:

@@ -14,10 +14,10 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections import OrderedDict
 from typing import Any, Callable, Iterable, Mapping, Protocol
 
 from spotbatch.scheduler.pools import PoolObservation
+from spotbatch.usage_tail import UsageTail
 
 __all__ = ["DeploymentReader", "KubeDeployments", "interruption_rate_per_h", "InterruptionRates", "LivePoolState",
            "SPOT_DEPLOYMENT"]
@@ -75,38 +75,13 @@ class InterruptionRates:
 
     def __init__(self, reader, topic: str, *, window_s: float = 3600.0,
                  clock: Callable[[], float] = time.time, max_records: int = 100_000) -> None:
-        self._reader = reader
-        self._topic = topic
+        self._tail = UsageTail(reader, topic, parse=_spot_usage, record_id=lambda r: r["record_id"],
+                               end=lambda r: float(r["end"]), window_s=window_s, clock=clock, max_items=max_records)
         self._window_s = window_s
         self._clock = clock
-        self._max = max_records
-        self._records: OrderedDict[str, dict] = OrderedDict()
-        self._next: dict[tuple[str, int], int] = {}
-        self._lock = threading.Lock()
 
     def rate(self) -> float:
-        with self._lock:
-            self._poll()
-            return interruption_rate_per_h(self._records.values(), now_s=self._clock(), window_s=self._window_s)
-
-    def _poll(self) -> None:
-        from kafka.errors import UnknownTopicOrPartitionError
-
-        try:
-            ends = self._reader.log_ends([self._topic])
-        except UnknownTopicOrPartitionError:
-            return  # no worker has reported yet
-        ranges = {tp: (self._next.get(tp, 0), end) for tp, end in ends.items()}
-        for record in self._reader.read_ranges(ranges):
-            body = _spot_usage(record.value)
-            if body is not None:
-                self._records[body["record_id"]] = body
-        self._next.update({tp: end for tp, (_, end) in ranges.items()})
-        horizon = self._clock() - self._window_s
-        for rid in [rid for rid, r in self._records.items() if float(r["end"]) <= horizon]:
-            del self._records[rid]
-        while len(self._records) > self._max:
-            self._records.popitem(last=False)
+        return interruption_rate_per_h(self._tail.items(), now_s=self._clock(), window_s=self._window_s)
 
 
 def _spot_usage(value: bytes | None) -> dict | None:

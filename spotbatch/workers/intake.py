@@ -47,7 +47,7 @@ class Intake:
     def output_of(self, job: Job) -> str:
         """Where the job's result lives: its Parquet file, or the folder of its parts."""
         if self._planner is not None and self.needs_io(job):
-            return self._sink.manifest_uri(job.job_id, job.output).rsplit("/", 1)[0]
+            return self._sink.folder_uri(job.job_id, job.output)
         return self._sink.output_uri(job.job_id, job.output)
 
     def build(self, job: Job, record: Any, epoch: int) -> list[PendingJob]:

@@ -54,7 +54,7 @@ class PartedJob:
 
     @property
     def folder_uri(self) -> str:
-        return self.manifest_uri.rsplit("/", 1)[0]
+        return self.sink.folder_uri(self.job.job_id, self.job.output)
 
     @property
     def manifest_uri(self) -> str:

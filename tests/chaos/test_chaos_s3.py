@@ -31,6 +31,8 @@ import pytest
 from spotbatch.kafka_admin import committed_offsets, read_all
 from spotbatch.workers.streams import dlq_topic, results_topic
 from tests.chaos.harness import (
+    CHECKPOINT_ROWS,
+    CHAOS_WORKER_ARGS as WORKER_ARGS,
     S3FaultProxy,
     Workload,
     build_workload,
@@ -51,8 +53,6 @@ pytestmark = pytest.mark.integration
 
 OUTAGE_S = 10.0
 PARTITIONS = 4
-CHECKPOINT_ROWS, BATCH_ROWS = 20, 10
-WORKER_ARGS = ["--checkpoint-interval", f"{CHECKPOINT_ROWS}rows", "--max-batch-rows", str(BATCH_ROWS)]
 @dataclass
 class OutageRun:
     workload: Workload
