@@ -211,7 +211,7 @@ def spawn_worker(name: str, bootstrap: str, topic: str, group: str, model: str, 
                  args: argparse.Namespace, extra: list[str], env: dict[str, str] | None = None,
                  session_timeout_ms: int | None = None) -> WorkerProc:
     cmd = [sys.executable, "-m", "spotbatch", "worker", "--bootstrap", bootstrap, "--topic", topic,
-           "--group", group, "--model", model, "--output", str(output),
+           "--group", group, "--model", model, "--output", str(output), "--input-prefix", str(workdir),
            "--torch-threads", str(args.torch_threads), "--max-batch-rows", str(args.batch_rows), *extra]
     if session_timeout_ms:
         cmd += ["--session-timeout-ms", str(session_timeout_ms)]

@@ -50,6 +50,9 @@ def worker(
     group: Optional[str] = typer.Option(None, help="Consumer group [env SPOTBATCH_GROUP]."),
     model: Optional[str] = typer.Option(None, help="Model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH."),
     output: Optional[str] = typer.Option(None, help="Output prefix: a folder or s3://bucket/prefix."),
+    input_prefix: Optional[list[str]] = typer.Option(
+        None, "--input-prefix", help="URI jobs may read only under this folder or s3://bucket/prefix/ "
+        "(repeatable) [env SPOTBATCH_INPUT_PREFIXES, comma-separated]; none: URI jobs are refused."),
     max_batch_rows: Optional[int] = typer.Option(None, help="Close a batch at this many rows."),
     max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
@@ -64,21 +67,25 @@ def worker(
     checkpoint_uri: Optional[str] = typer.Option(None, help="Checkpoint store (default: <output>/_checkpoints)."),
     max_attempts: Optional[int] = typer.Option(None, help="Attempts finishing no part before a job goes to the DLQ."),
     burst: bool = typer.Option(False, "--burst", help="Exit 0 once caught up with the log end."),
+    broker_wait_s: Optional[float] = typer.Option(None, help="Exit 1 once Kafka is unreachable this many seconds, "
+                                                  "at start or mid-run (env SPOTBATCH_BROKER_WAIT_S; default 60)."),
     config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Consume jobs, batch rows across jobs, infer, write Parquet, commit."""
     settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic, group=group, model=model, output=output,
-                         max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, device=device, precision=precision,
+                         input_prefixes=input_prefix or None, max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, device=device, precision=precision,
                          torch_threads=torch_threads, session_timeout_ms=session_timeout_ms,
                          metrics_port=metrics_port, drain_s=drain_s, notice_source=notice_source,
                          rebalance_hold_s=rebalance_hold_s,
                          checkpoint_interval=checkpoint_interval, checkpoint_uri=checkpoint_uri,
-                         max_attempts=max_attempts)
+                         max_attempts=max_attempts, broker_wait_s=broker_wait_s)
     _logging()
-    from spotbatch.workers import run_worker  # torch import stays off the other verbs' path
+    from spotbatch.workers import StartupError, run_worker  # torch import stays off the other verbs' path
 
     try:
         run_worker(settings, burst=burst)
+    except StartupError as exc:  # output not writable (2), Kafka not reachable (1): one line, no traceback
+        _fail(str(exc), code=exc.code)
     except (JobError, ValueError) as exc:  # bad --model / --device / --output: the operator's to fix
         _fail(str(exc))
 
@@ -251,11 +258,13 @@ def broker(port: Optional[int] = typer.Option(None, help="Port to listen on (def
 
 
 def _register_subcommands() -> None:
+    from spotbatch.dlq import register as register_dlq
     from spotbatch.scaler.cli import register as register_scaler
     from spotbatch.scheduler.cli import register as register_scheduler
 
     register_scaler(app)
     register_scheduler(app)
+    register_dlq(app)
 
 
 _register_subcommands()

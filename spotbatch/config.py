@@ -10,12 +10,13 @@ from __future__ import annotations
 import os
 from contextvars import ContextVar
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, SecretStr, ValidationError, model_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     YamlConfigSettingsSource,
@@ -68,6 +69,11 @@ class Settings(BaseSettings):
     # Outputs: jobs may only write under this prefix (local folder or s3://bucket/prefix).
     output: str = "./spotbatch-output"
 
+    # Inputs: URI jobs may only read under these prefixes; none means URI jobs are refused.
+    # Env SPOTBATCH_INPUT_PREFIXES is comma-separated; YAML takes a list.
+    input_prefixes: Annotated[list[str], NoDecode] = []
+    max_input_bytes: int = Field(256 * 1024 * 1024, ge=1)  # one input file, read whole
+
     # Checkpoints (URI jobs run in parts; each durable part is checkpointed)
     checkpoint_uri: str | None = None  # default: <output>/_checkpoints
     checkpoint_interval: str = "auto"  # "<N>rows", "<N>s", or "auto" (Young's formula)
@@ -100,6 +106,27 @@ class Settings(BaseSettings):
 
     # Operations
     metrics_port: int = Field(0, ge=0, le=65535)
+    # A worker that cannot reach Kafka for this long (at start, or mid-run) exits 1 with one line.
+    broker_wait_s: float = Field(60.0, gt=0)
+
+    @field_validator("input_prefixes", mode="before")
+    @classmethod
+    def _split_prefixes(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("input_prefixes")
+    @classmethod
+    def _check_prefixes(cls, value: list[str]) -> list[str]:
+        from spotbatch.storage import parse_uri
+
+        for prefix in value:
+            try:
+                parse_uri(prefix)
+            except ValueError as exc:
+                raise ValueError(f"input prefix {prefix!r}: {exc}; use a folder or s3://bucket/prefix/") from None
+        return value
 
     @model_validator(mode="after")
     def _check_kafka_security(self) -> "Settings":

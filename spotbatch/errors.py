@@ -7,7 +7,7 @@ on. Anything else raised inside the worker is an infrastructure fault and is ret
 
 from __future__ import annotations
 
-__all__ = ["JobError", "ERROR_CODES"]
+__all__ = ["JobError", "ERROR_CODES", "job_error_from", "is_infrastructure_fault"]
 
 ERROR_CODES = {
     "malformed_json": "the message is not a JSON object",
@@ -16,6 +16,10 @@ ERROR_CODES = {
     "unknown_model": "no model handler is registered under that name",
     "input_missing": "the input file could not be read",
     "input_invalid": "the input file lacks a needed column or is not Parquet/JSONL",
+    "input_unreadable": "the input is not a regular file, or the store refused to read it",
+    "input_outside_prefix": "the input URI is outside the worker's allowed input prefixes",
+    "input_too_large": "the input file is larger than the worker's max_input_bytes",
+    "message_too_large": "the message is larger than the worker accepts",
     "output_outside_prefix": "the output URI is outside the worker's allowed output prefix",
     "row_rejected": "the model rejected an input row",
     "inference_failed": "the model failed on the job's rows (after splitting on OOM)",
@@ -32,3 +36,26 @@ class JobError(Exception):
         super().__init__(f"{code}: {reason}")
         self.code = code
         self.reason = reason
+
+
+def is_infrastructure_fault(exc: BaseException) -> bool:
+    """A fault of the broker or a store, not of the job: retried, then the worker exits.
+
+    S3 errors that are not transient (AccessDenied, InvalidObjectState) are turned into
+    JobErrors where the input is read; what reaches here from botocore is the store itself.
+    """
+    import botocore.exceptions  # noqa: PLC0415 - keep this module import-light
+    from kafka.errors import KafkaError  # noqa: PLC0415
+
+    return isinstance(exc, (OSError, KafkaError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError))
+
+
+def job_error_from(exc: BaseException, default: str = "invalid_job") -> JobError:
+    """The one exception boundary per message: a JobError stays itself, an infrastructure
+    fault re-raises, and anything else (a parser's RecursionError, a MemoryError, a bug
+    tripped by odd input) becomes this job's dead letter instead of a worker crash."""
+    if isinstance(exc, JobError):
+        return exc
+    if is_infrastructure_fault(exc):
+        raise exc
+    return JobError(default, f"{type(exc).__name__}: {str(exc)[:200]}")

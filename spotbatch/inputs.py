@@ -10,16 +10,23 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from collections.abc import Iterable, Iterator
 from typing import BinaryIO
 
+import botocore.exceptions
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from spotbatch.errors import JobError
-from spotbatch.storage import parse_uri, store_for
+from spotbatch.input_access import open_regular
+from spotbatch.storage import is_transient, parse_uri, store_for
 
-__all__ = ["read_rows", "iter_rows", "input_format"]
+__all__ = ["read_rows", "iter_rows", "input_format", "DEFAULT_MAX_INPUT_BYTES"]
+
+# Inputs are read whole for now, so a size limit is what keeps one job from taking the
+# worker's memory; bigger inputs are split into several jobs.
+DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024
 
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
 
@@ -32,10 +39,14 @@ def input_format(uri: str) -> str:
     raise JobError("input_invalid", f"{uri}: unknown input format; use one of {', '.join(_FORMATS)}")
 
 
-def read_rows(uri: str, id_column: str = "id", input_column: str = "text") -> tuple[list[str], list]:
-    """Return (ids as str, inputs) from ``uri``, reading only the two needed columns."""
+def read_rows(uri: str, id_column: str = "id", input_column: str = "text", *,
+              max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> tuple[list[str], list]:
+    """Return (ids as str, inputs) from ``uri``, reading only the two needed columns.
+
+    ``uri`` must already have passed the worker's InputPolicy.
+    """
     fmt = input_format(uri)
-    data = _read(uri)
+    data = _read(uri, max_bytes)
     if fmt == "parquet":
         return _parquet_rows(uri, data, id_column, input_column)
     ids, inputs = [], []
@@ -58,7 +69,7 @@ def iter_rows(path: str) -> Iterator[dict]:
     if loc.scheme == "file":
         yield from _iter_local(path, loc.path, fmt)
         return
-    data = _read(path)
+    data = _read(path, DEFAULT_MAX_INPUT_BYTES)
     if fmt == "parquet":
         yield from _parquet_dicts(path, pa.BufferReader(data))
     else:
@@ -66,11 +77,7 @@ def iter_rows(path: str) -> Iterator[dict]:
 
 
 def _iter_local(uri: str, local_path: str, fmt: str) -> Iterator[dict]:
-    try:
-        fh = open(local_path, "rb")
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
-        raise JobError("input_missing", f"{uri}: {exc.strerror or exc}") from None
-    with fh:
+    with open_regular(local_path) as fh:
         if fmt == "parquet":
             yield from _parquet_dicts(uri, fh)
         else:
@@ -84,12 +91,35 @@ def _parse(uri: str):
         raise JobError("input_invalid", str(exc)) from None
 
 
-def _read(uri: str) -> bytes:
-    _parse(uri)
+def _read(uri: str, max_bytes: int) -> bytes:
+    loc = _parse(uri)
+    if loc.scheme == "file":
+        with open_regular(loc.path) as fh:
+            return _read_bounded(uri, fh, max_bytes)
     try:
-        return store_for(uri).read_bytes(uri)
-    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
+        data = store_for(uri).read_bytes(uri)
+    except FileNotFoundError as exc:
         raise JobError("input_missing", f"{uri}: no such file or object") from exc
+    except botocore.exceptions.ClientError as exc:
+        if is_transient(exc):  # S3 itself is in trouble: an infrastructure fault, retried
+            raise
+        code = exc.response.get("Error", {}).get("Code", "error")
+        raise JobError("input_unreadable", f"{uri}: S3 refused the read ({code})") from None
+    _check_size(uri, len(data), max_bytes)
+    return data
+
+
+def _read_bounded(uri: str, fh: BinaryIO, max_bytes: int) -> bytes:
+    _check_size(uri, os.fstat(fh.fileno()).st_size, max_bytes)
+    data = fh.read(max_bytes + 1)  # the file may grow after the fstat
+    _check_size(uri, len(data), max_bytes)
+    return data
+
+
+def _check_size(uri: str, size: int, max_bytes: int) -> None:
+    if size > max_bytes:
+        raise JobError("input_too_large",
+                       f"{uri}: {size} bytes, over this worker's max_input_bytes ({max_bytes}); split the input")
 
 
 def _require(uri: str, present: Iterable[str], needed: Iterable[str], where: str = "") -> None:

@@ -16,8 +16,10 @@ into a validated :class:`Job` or raises a :class:`JobError` naming the field.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Any, Literal, Union
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, StringConstraints, Tag, ValidationError
 
 from spotbatch.errors import JobError
@@ -28,10 +30,21 @@ SCHEMA_VERSIONS = (1,)
 # Inline jobs are meant to be small; bigger inputs go in a file referenced by URI.
 MAX_JOB_BYTES = 8 * 1024 * 1024
 MAX_INLINE_ROWS = 100_000
+# Bounds checked on the raw bytes before json builds any object: a hostile message must
+# not reach json's own limits (RecursionError, int digit limit) or build huge values.
+# A legitimate job nests 4 deep ({inputs: {rows: [{...}]}}); its numbers are a few digits.
+MAX_DEPTH = 32
+MAX_NUMBER_DIGITS = 100
+MAX_STRING_BYTES = 1024 * 1024
+_STRING_RE = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKETS = bytes(range(256)).translate(None, b"[]{}")  # every byte but brackets: deleted
+_DIGIT_RUN_RE = re.compile(rb"[0-9]{%d,}" % (MAX_NUMBER_DIGITS + 1))
 
 # Job ids name output files, so they must be safe in a path or an S3 key.
 JobId = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")]
 ColumnName = Annotated[str, StringConstraints(min_length=1, max_length=128)]
+# Locations become paths and keys: no NUL or other control characters.
+Location = Annotated[str, StringConstraints(min_length=1, max_length=2048, pattern=r"^[^\x00-\x1f\x7f]+$")]
 ParamValue = Union[bool, int, float, str]
 
 
@@ -51,7 +64,7 @@ class InlineInputs(_Strict):
 
 
 class UriInputs(_Strict):
-    uri: Annotated[str, StringConstraints(min_length=1, max_length=2048)]
+    uri: Location
     id_column: ColumnName = "id"
     input_column: ColumnName | None = None  # default: the model's input column
 
@@ -70,7 +83,7 @@ class Job(_Strict):
         Annotated[InlineInputs, Tag("rows")] | Annotated[UriInputs, Tag("uri")],
         Discriminator(_inputs_kind),
     ]
-    output: Annotated[str, StringConstraints(min_length=1, max_length=2048)] | None = None
+    output: Location | None = None
     params: Annotated[dict[ColumnName, ParamValue], Field(max_length=64)] = {}
 
     def to_bytes(self) -> bytes:
@@ -82,11 +95,13 @@ def parse_job(raw: bytes | None) -> Job:
     if raw is None:
         raise JobError("malformed_json", "the message has no value (tombstone)")
     if len(raw) > MAX_JOB_BYTES:
-        raise JobError("invalid_job", f"message is {len(raw)} bytes; the limit is {MAX_JOB_BYTES}")
+        raise JobError("message_too_large", f"message is {len(raw)} bytes; the limit is {MAX_JOB_BYTES} "
+                       "(put big inputs in a file and send its uri)")
+    _check_shape(raw)
     try:
         data = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise JobError("malformed_json", f"not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise JobError("malformed_json", f"not valid JSON: {str(exc)[:200]}") from None
     if not isinstance(data, dict):
         raise JobError("malformed_json", f"expected a JSON object, got {type(data).__name__}")
     version = data.get("version", 1)
@@ -96,6 +111,22 @@ def parse_job(raw: bytes | None) -> Job:
         return Job.model_validate(data)
     except ValidationError as exc:
         raise JobError("invalid_job", _first_error(exc)) from None
+
+
+def _check_shape(raw: bytes) -> None:
+    """Reject what json would choke on, from the bytes alone (strings blanked first)."""
+    strings = _STRING_RE.findall(raw)
+    if strings and (longest := max(map(len, strings))) > MAX_STRING_BYTES + 2:
+        raise JobError("invalid_job", f"a string of {longest - 2} bytes; the limit is {MAX_STRING_BYTES}")
+    skeleton = _STRING_RE.sub(b'""', raw)
+    if _DIGIT_RUN_RE.search(skeleton):
+        raise JobError("invalid_job", f"a number of more than {MAX_NUMBER_DIGITS} digits")
+    brackets = np.frombuffer(skeleton.translate(None, _BRACKETS), dtype=np.uint8)
+    if brackets.size:
+        opens = (brackets == ord("[")) | (brackets == ord("{"))
+        depth = int(np.cumsum(np.where(opens, 1, -1)).max())
+        if depth > MAX_DEPTH:
+            raise JobError("invalid_job", f"JSON nested {depth} deep; the limit is {MAX_DEPTH}")
 
 
 def _first_error(exc: ValidationError) -> str:

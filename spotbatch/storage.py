@@ -38,6 +38,7 @@ __all__ = [
     "MemoryStore",
     "S3_RETRY",
     "store_for",
+    "is_transient",
 ]
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -228,7 +229,7 @@ _THROTTLE_CODES = frozenset({
 })
 
 
-def _is_transient(exc: BaseException) -> bool:
+def is_transient(exc: BaseException) -> bool:
     """Connection trouble, throttling and S3's own 5xx: worth another try."""
     if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
         return True
@@ -243,7 +244,7 @@ def _is_transient(exc: BaseException) -> bool:
 # so attempts do not multiply; everything else (NoSuchKey, AccessDenied) fails at once.
 # The budget rides out a ~25 s S3 brownout without restarting the worker.
 S3_RETRY = retry_policy(
-    "s3", retry_if=_is_transient, max_attempts=12, budget_s=30.0, multiplier=0.2, max_wait_s=5.0,
+    "s3", retry_if=is_transient, max_attempts=12, budget_s=30.0, multiplier=0.2, max_wait_s=5.0,
 )
 
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})

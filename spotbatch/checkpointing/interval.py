@@ -93,7 +93,9 @@ class CheckpointInterval:
             return int(self.value)
         tau = self.interval_s()
         if tau is None or not rows_per_s or rows_per_s <= 0:
-            return self.batch_rows  # nothing to convert yet: checkpoint soon and measure
+            # Nothing to convert yet. One batch per part would turn a fresh worker's first
+            # big job into hundreds of checkpoint writes; a few batches cost little if lost.
+            return self._clamp(self.batch_rows * FIRST_PART_BATCHES)
         return self._clamp(math.ceil(tau * rows_per_s))
 
     def pin_rows(self, rows: int) -> None:
@@ -105,6 +107,9 @@ class CheckpointInterval:
 
     def __repr__(self) -> str:
         return f"CheckpointInterval(kind={self.kind!r}, value={self.value!r}, cost_s={self.cost_s!r})"
+
+
+FIRST_PART_BATCHES = 16  # the part size before anything is measured, in batches
 
 
 def _parse(setting: str, max_rows: int) -> tuple[str, float | None]:

@@ -178,6 +178,11 @@ def serve(
     pools: bool = typer.Option(False, "--pools", help="Serve triggers with `pool: spot|on-demand` their share (hybrid scheduler; reads the spot Deployment's status)."),
     namespace: str = typer.Option("spotbatch", "--namespace", help="With --pools: namespace of the worker Deployments."),
     kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", help="With --pools: kubeconfig file (default: in-cluster, else ~/.kube/config)."),
+    call_timeout_s: float = typer.Option(3.0, "--call-timeout-s", min=0.1, help="Seconds one trigger's call waits for its Kafka; then its last answer (if any) or UNAVAILABLE."),
+    stale_s: float = typer.Option(300.0, "--stale-s", min=0.0, help="Oldest last answer served while a trigger's Kafka fails."),
+    max_groups: int = typer.Option(1024, "--max-groups", min=1, help="Groups/triggers whose state is kept (least recently used evicted)."),
+    max_clusters: int = typer.Option(64, "--max-clusters", min=1, help="Kafka clusters kept connected (least recently used closed)."),
+    allowed_bootstrap: Optional[list[str]] = typer.Option(None, "--allowed-bootstrap", help="host:port a trigger may name in bootstrapServers (repeatable; default: any). Others get PERMISSION_DENIED."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]."),
 ) -> None:
     """Serve KEDA's external scaler gRPC interface (plus gRPC health, /metrics, /healthz)."""
@@ -206,12 +211,16 @@ def serve(
         except Exception as exc:  # noqa: BLE001 - kubernetes.config raises several types for one fix
             _fail(f"--pools needs Kubernetes access ({exc}); run in-cluster or pass --kubeconfig FILE")
     source = LagSource(cache_s=cache_s, usage_topic=settings.usage_topic, checkpoints=checkpoints, splitter=splitter,
-                       client_options=client_options(settings))
+                       client_options=client_options(settings), call_timeout_s=call_timeout_s, stale_s=stale_s,
+                       max_groups=max_groups, max_clusters=max_clusters)
     try:
         server = start(port=port, metrics_port=metrics_port, host=host, source=source,
-                       default_bootstrap=bootstrap or settings.kafka_bootstrap)
+                       default_bootstrap=bootstrap or settings.kafka_bootstrap,
+                       allowed_bootstrap=allowed_bootstrap or None)
     except OSError as exc:
         _fail(f"{exc} (--port {port} / --metrics-port {metrics_port} must be free)")
+    except ValueError as exc:  # a malformed --allowed-bootstrap
+        _fail(str(exc).replace("metadata bootstrapServers", "--allowed-bootstrap"))
     typer.echo(f"scaler serving gRPC on {host}:{server.port}, /metrics and /healthz on :{server.metrics_port}", err=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

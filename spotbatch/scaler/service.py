@@ -10,6 +10,11 @@ concurrent polls cost one broker round trip), and answer:
   ceil(value / target) replicas;
 - IsActive / StreamIsActive: KEDA's activation (the stream sends each change).
 
+Triggers are isolated from each other: a Kafka that does not answer holds no lock or
+thread another trigger needs; a trigger's call waits at most ``call_timeout_s`` (then its
+last answer, or UNAVAILABLE). Malformed ``bootstrapServers`` is INVALID_ARGUMENT; with
+``allowed_bootstrap``, naming another server is PERMISSION_DENIED.
+
 With ``pool: spot|on-demand`` in the metadata, an injected ``PoolSplitter`` gives the
 pool's share of the total and we serve ``share x target`` (active = share > 0).
 """
@@ -22,7 +27,8 @@ import math
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -42,6 +48,8 @@ __all__ = [
     "ScalerRequest",
     "Reading",
     "LagSource",
+    "Unavailable",
+    "bootstrap_servers",
     "ExternalScalerServicer",
     "ScalerServer",
     "parse_metadata",
@@ -105,19 +113,20 @@ def parse_metadata(meta: Mapping[str, str], *, default_bootstrap: str | None = N
     bootstrap = meta.get("bootstrapServers") or default_bootstrap
     if not bootstrap:
         raise MetadataError("metadata bootstrapServers is missing; set it to the Kafka bootstrap (host:port[,host:port])")
+    bootstrap = ",".join(bootstrap_servers(bootstrap))
     group = meta.get("consumerGroup")
     if not group:
         raise MetadataError("metadata consumerGroup is missing; set it to the workers' consumer group")
     mode = meta.get("mode", "lag")
     if mode not in ("lag", "work"):
-        raise MetadataError(f"metadata mode={mode!r} is not lag or work; use mode: lag (KEDA's lag) or mode: work")
+        raise MetadataError(f"metadata mode={_echo(mode)} is not lag or work; use mode: lag (KEDA's lag) or mode: work")
     pool = meta.get("pool") or None
     if pool is not None and pool not in POOLS:
-        raise MetadataError(f"metadata pool={pool!r} is not one of {', '.join(POOLS)}")
+        raise MetadataError(f"metadata pool={_echo(pool)} is not one of {', '.join(POOLS)}")
     opts: dict = {k: _int(meta, key) for key, k in _INT_KEYS.items() if key in meta}
     opts.update({k: _bool(meta, key) for key, k in _BOOL_KEYS.items() if key in meta})
     if "offsetResetPolicy" in meta:
-        opts["offset_reset_policy"] = meta["offsetResetPolicy"]
+        opts["offset_reset_policy"] = meta["offsetResetPolicy"][:MAX_ECHO]
     topic = meta.get("topic") or None
     try:
         options = LagOptions(**opts)
@@ -134,13 +143,13 @@ def _int(meta: Mapping[str, str], key: str) -> int:
     try:
         return int(meta[key])
     except ValueError:
-        raise MetadataError(f"metadata {key}={meta[key]!r} is not an integer; give a whole number") from None
+        raise MetadataError(f"metadata {key}={_echo(meta[key])} is not an integer; give a whole number") from None
 
 
 def _bool(meta: Mapping[str, str], key: str) -> bool:
     value = _BOOL.get(meta[key].strip().lower())
     if value is None:
-        raise MetadataError(f"metadata {key}={meta[key]!r} is not a boolean; use \"true\" or \"false\"")
+        raise MetadataError(f"metadata {key}={_echo(meta[key])} is not a boolean; use \"true\" or \"false\"")
     return value
 
 
@@ -152,8 +161,43 @@ def _positive(meta: Mapping[str, str], key: str, default: float) -> float:
     except ValueError:
         value = math.nan
     if not value > 0 or math.isinf(value):
-        raise MetadataError(f"metadata {key}={meta[key]!r} must be a number > 0")
+        raise MetadataError(f"metadata {key}={_echo(meta[key])} must be a number > 0")
     return value
+
+
+MAX_ECHO = 200  # characters of a metadata value echoed in an error message
+_HOST = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_.-]*[A-Za-z0-9_])?|\[[0-9A-Fa-f:.]+\]")
+_PORT = re.compile(r"[0-9]{1,5}")
+
+
+def _clip(value: object, limit: int = MAX_ECHO) -> str:
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}...({len(text)} chars)"
+
+
+def _echo(value: object) -> str:
+    """A metadata value for an error message: quoted, at most MAX_ECHO characters."""
+    return repr(_clip(value))
+
+
+def _one_line(message: str, limit: int = 4 * MAX_ECHO) -> str:
+    return _clip(" ".join(message.split()), limit)
+
+
+def bootstrap_servers(value: str) -> list[str]:
+    """``host:port[,host:port]`` (an optional ``PROTOCOL://`` each, as kafka-python takes)
+    as its entries; MetadataError if one is not host:port with a port in 1..65535."""
+    entries = [entry.strip() for entry in value.split(",")]
+    for entry in entries:
+        host, sep, port = re.sub(r"^[A-Za-z_]+://", "", entry).rpartition(":")
+        if not (sep and _HOST.fullmatch(host) and _PORT.fullmatch(port) and 0 < int(port) < 65536):
+            raise MetadataError(f"metadata bootstrapServers={_echo(value)} is not host:port[,host:port] "
+                                f"(entry {_echo(entry)}); set it to the Kafka bootstrap, e.g. kafka:9092")
+    return entries
+
+
+def _bootstrap_hosts(bootstrap: str) -> set[str]:
+    return {re.sub(r"^[A-Za-z_]+://", "", entry).lower() for entry in bootstrap_servers(bootstrap)}
 
 
 def metric_name(request: ScalerRequest) -> str:
@@ -175,37 +219,129 @@ class _Offsets:
     at: float
 
 
+class Unavailable(RuntimeError):
+    """A trigger's Kafka did not answer (in time): gRPC UNAVAILABLE for that trigger."""
+
+
+@dataclass
+class _Group:
+    """Per (bootstrap, group, topic): concurrent callers wait for one read."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    offsets: _Offsets | None = None
+
+
+@dataclass
+class _Cluster:
+    """Per bootstrap: its OffsetReader (made under this cluster's own lock, so a Kafka
+    that does not answer blocks only its own triggers) and its usage rates."""
+
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    reader: object | None = None
+    rates: object | None = None
+    closed: bool = False
+
+
+DEFAULT_CALL_TIMEOUT_S = 3.0
+DEFAULT_STALE_S = 300.0
+
+
 class LagSource:
     """Readings for requests: one OffsetReader per bootstrap, offsets cached per
-    (bootstrap, group, topic), work-mode state per group and per usage topic."""
+    (bootstrap, group, topic), work-mode state per group and per usage topic.
+
+    Isolation between triggers: nothing held across a broker call is shared by two
+    clusters. Each trigger's reading runs on its own thread (one in flight per trigger)
+    and a caller waits at most ``call_timeout_s`` for it; then it gets the trigger's last
+    answer (if younger than ``stale_s``) or ``Unavailable``. Idle state is evicted
+    least-recently-used first: at most ``max_groups`` groups/triggers and
+    ``max_clusters`` bootstraps (an evicted cluster's reader is closed)."""
 
     def __init__(self, *, cache_s: float = 2.0, usage_topic: str = "spotbatch.usage", checkpoints=None,
                  splitter: PoolSplitter | None = None, rate_window_s: float = 600.0,
                  reader_factory: Callable[[str], object] | None = None,
                  client_options: Mapping | None = None,
+                 call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S, stale_s: float = DEFAULT_STALE_S,
+                 max_groups: int = 1024, max_clusters: int = 64,
                  clock: Callable[[], float] = time.monotonic) -> None:
+        if call_timeout_s is not None and not call_timeout_s > 0:
+            raise ValueError(f"call_timeout_s must be > 0 (or None), got {call_timeout_s}")
+        if max_groups < 1 or max_clusters < 1:
+            raise ValueError("max_groups and max_clusters must be >= 1")
         self.cache_s = cache_s
         self.splitter = splitter
+        self.call_timeout_s = call_timeout_s
+        self.stale_s = stale_s
+        self.max_groups = max_groups
+        self.max_clusters = max_clusters
         self._usage_topic = usage_topic
         self._checkpoints = checkpoints
         self._rate_window_s = rate_window_s
         # client_options (kafka_security.client_options): used for every trigger's Kafka.
         self._reader_factory = reader_factory or functools.partial(_offset_reader, client_options=client_options)
         self._clock = clock
-        self._lock = threading.Lock()
-        self._key_locks: dict[tuple, threading.Lock] = {}
-        self._readers: dict[str, object] = {}
-        self._offsets: dict[tuple, _Offsets] = {}
-        self._pending: dict[tuple, object] = {}
-        self._rates: dict[str, object] = {}
+        self._lock = threading.Lock()  # guards the dicts below only; never held across I/O
+        self._groups: OrderedDict[tuple, _Group] = OrderedDict()
+        self._clusters: OrderedDict[str, _Cluster] = OrderedDict()
+        self._pending: OrderedDict[tuple, object] = OrderedDict()
+        self._answers: OrderedDict[tuple, tuple[Reading, float]] = OrderedDict()  # trigger -> (last, at)
+        self._inflight: dict[tuple, futures.Future] = {}
         self.broker_reads = 0  # offset reads that went to the broker (cache misses)
+        self.stale_answers = 0  # calls answered with a trigger's last reading (its Kafka failed or was slow)
 
     def reading(self, request: ScalerRequest, metadata: Mapping[str, str] | None = None) -> Reading:
-        """The metric for ``request``. Raises LagError (bad group/topic) or
-        MetadataError (a pool without a splitter)."""
+        """The metric for ``request``. Raises LagError (bad group/topic), MetadataError
+        (a pool without a splitter) or Unavailable (Kafka down or slower than
+        ``call_timeout_s``, and no recent answer for this trigger)."""
         if request.pool and self.splitter is None:
             raise MetadataError(f"metadata pool={request.pool!r} needs a pool splitter, and this scaler has none; "
                                 "start it with one (spotbatch scaler serve --pools) or drop pool")
+        meta = dict(metadata or {})
+        key = (request, tuple(sorted(meta.items())))
+        with self._lock:
+            future = self._inflight.get(key)
+            if future is None:
+                future = self._inflight[key] = futures.Future()
+                threading.Thread(target=self._run, args=(key, future, request, meta), daemon=True,
+                                 name="scaler-read").start()
+        try:
+            return future.result(timeout=self.call_timeout_s)
+        except futures.TimeoutError:
+            return self._fallback(key, Unavailable(
+                f"no answer from Kafka at {_clip(request.bootstrap)} within {self.call_timeout_s:g}s; "
+                "check bootstrapServers and that the brokers are up"))
+        except (LagError, MetadataError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - broker down or failing: this trigger only
+            return self._fallback(key, exc if isinstance(exc, Unavailable) else Unavailable(
+                f"reading offsets from {_clip(request.bootstrap)}: {exc}"))
+
+    def _run(self, key: tuple, future: futures.Future, request: ScalerRequest, meta: dict) -> None:
+        try:
+            result = self._reading_now(request, meta)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            future.set_exception(exc)
+        else:
+            with self._lock:
+                self._answers[key] = (result, self._clock())
+                self._answers.move_to_end(key)
+                while len(self._answers) > self.max_groups:
+                    self._answers.popitem(last=False)
+            future.set_result(result)
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _fallback(self, key: tuple, exc: Exception) -> Reading:
+        with self._lock:
+            last = self._answers.get(key)
+        if last is not None and self._clock() - last[1] <= self.stale_s:
+            self.stale_answers += 1
+            log.warning("%s; serving this trigger's last answer (%.0fs old)", exc, self._clock() - last[1])
+            return last[0]
+        raise exc
+
+    def _reading_now(self, request: ScalerRequest, metadata: Mapping[str, str]) -> Reading:
         off = self._read(request)
         result = compute_lag(off.committed, off.ends, request.options, off.previous)
         if request.mode == "lag":
@@ -228,16 +364,20 @@ class LagSource:
     def _read(self, request: ScalerRequest) -> _Offsets:
         key = (request.bootstrap, request.group, request.topic)
         with self._lock:
-            key_lock = self._key_locks.setdefault(key, threading.Lock())
-        with key_lock:  # concurrent callers wait for one read instead of each reading
-            cached = self._offsets.get(key)
+            group = self._groups.get(key)
+            if group is None:
+                group = self._groups[key] = _Group()
+            self._groups.move_to_end(key)
+            while len(self._groups) > self.max_groups:
+                self._groups.popitem(last=False)
+        with group.lock:  # concurrent callers wait for one read instead of each reading
+            cached = group.offsets
             if cached and self._clock() - cached.at < self.cache_s:
                 return cached
             committed, ends = read_offsets(self._reader(request.bootstrap), request.group, request.topic)
             self.broker_reads += 1
-            fresh = _Offsets(committed, ends, cached.committed if cached else None, self._clock())
-            self._offsets[key] = fresh
-            return fresh
+            group.offsets = _Offsets(committed, ends, cached.committed if cached else None, self._clock())
+            return group.offsets
 
     def _work(self, request: ScalerRequest, off: _Offsets) -> tuple[int, float]:
         from spotbatch.scaler.work import PendingWork, UsageRates
@@ -245,23 +385,70 @@ class LagSource:
         reader = self._reader(request.bootstrap)
         key = (request.bootstrap, request.group, request.topic, request.options.offset_reset_policy)
         with self._lock:
-            work = self._pending.setdefault(key, PendingWork(
-                reader, checkpoints=self._checkpoints, offset_reset_policy=request.options.offset_reset_policy))
-            rates = self._rates.setdefault(request.bootstrap, UsageRates(
-                reader, self._usage_topic, window_s=self._rate_window_s))
+            work = self._pending.get(key)
+            if work is None:
+                work = self._pending[key] = PendingWork(
+                    reader, checkpoints=self._checkpoints, offset_reset_policy=request.options.offset_reset_policy)
+            self._pending.move_to_end(key)
+            while len(self._pending) > self.max_groups:
+                self._pending.popitem(last=False)
+            cluster = self._cluster(request.bootstrap)
+            if cluster.rates is None:
+                cluster.rates = UsageRates(reader, self._usage_topic, window_s=self._rate_window_s)
+            rates = cluster.rates
         return work.pending(off.committed, off.ends), rates.rate(default=request.rows_per_s)
+
+    def _cluster(self, bootstrap: str) -> _Cluster:
+        """The cluster's state, most recently used; call with self._lock held."""
+        cluster = self._clusters.get(bootstrap)
+        if cluster is None:
+            cluster = self._clusters[bootstrap] = _Cluster()
+        self._clusters.move_to_end(bootstrap)
+        while len(self._clusters) > self.max_clusters:
+            old_bootstrap, old = self._clusters.popitem(last=False)
+            for key in [k for k in self._pending if k[0] == old_bootstrap]:
+                del self._pending[key]  # PendingWork holds the reader we are closing
+            _close_later(old)
+        return cluster
 
     def _reader(self, bootstrap: str):
         with self._lock:
-            if bootstrap not in self._readers:
-                self._readers[bootstrap] = self._reader_factory(bootstrap)
-            return self._readers[bootstrap]
+            cluster = self._cluster(bootstrap)
+        with cluster.lock:  # this cluster's only: a Kafka that hangs here holds no one else
+            if cluster.closed:
+                raise Unavailable(f"Kafka at {_clip(bootstrap)} was evicted while in use; the next call reconnects")
+            if cluster.reader is None:
+                cluster.reader = self._reader_factory(bootstrap)
+            return cluster.reader
 
     def close(self) -> None:
         with self._lock:
-            readers, self._readers = list(self._readers.values()), {}
-        for reader in readers:
-            reader.close()
+            clusters, self._clusters = list(self._clusters.values()), OrderedDict()
+            self._pending.clear()
+        for cluster in clusters:
+            cluster.closed = True
+            if cluster.lock.acquire(timeout=1.0):  # a reader still being made (hung Kafka): left to its thread
+                try:
+                    reader, cluster.reader = cluster.reader, None
+                finally:
+                    cluster.lock.release()
+                if reader is not None:
+                    reader.close()
+
+
+def _close_later(cluster: _Cluster) -> None:
+    """Close an evicted cluster's reader off the caller's thread (it may be mid-read)."""
+    def close() -> None:
+        with cluster.lock:
+            cluster.closed = True
+            reader, cluster.reader = cluster.reader, None
+        if reader is not None:
+            try:
+                reader.close()
+            except Exception as exc:  # noqa: BLE001 - best effort
+                log.debug("closing an evicted reader: %s", exc)
+
+    threading.Thread(target=close, daemon=True, name="scaler-evict").start()
 
 
 def _offset_reader(bootstrap: str, *, client_options: Mapping | None = None):
@@ -272,7 +459,7 @@ def _offset_reader(bootstrap: str, *, client_options: Mapping | None = None):
     try:
         return OffsetReader(bootstrap, client_options=client_options)
     except KafkaError as exc:
-        raise LagError(f"cannot reach Kafka at {bootstrap} ({exc}); check bootstrapServers") from None
+        raise Unavailable(f"cannot reach Kafka at {_clip(bootstrap)} ({exc}); check bootstrapServers") from None
 
 
 class _Metrics:
@@ -287,9 +474,16 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
     """KEDA's four calls over a LagSource."""
 
     def __init__(self, source: LagSource, *, default_bootstrap: str | None = None,
-                 registry: CollectorRegistry | None = None, stream_interval_s: float = 5.0) -> None:
+                 registry: CollectorRegistry | None = None, stream_interval_s: float = 5.0,
+                 allowed_bootstrap: Iterable[str] | None = None) -> None:
         self.source = source
         self._default_bootstrap = default_bootstrap
+        # host:port entries a trigger may name (None: any); the default bootstrap is always allowed
+        self._allowed: set[str] | None = None
+        if allowed_bootstrap is not None:
+            self._allowed = {host for value in allowed_bootstrap for host in _bootstrap_hosts(value)}
+            if default_bootstrap:
+                self._allowed |= _bootstrap_hosts(default_bootstrap)
         self._metrics = _Metrics(registry or CollectorRegistry())
         self._stream_interval_s = stream_interval_s
         self._stopping = threading.Event()
@@ -307,8 +501,8 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
             req = self._parse(meta, context)
             name = metric_name(req)
             if request.metricName and _strip_keda_prefix(request.metricName) != name:
-                context.abort(grpc.StatusCode.NOT_FOUND,
-                              f"unknown metric {request.metricName!r}; this trigger's metric is {name!r}")
+                _abort(context, grpc.StatusCode.NOT_FOUND,
+                       f"unknown metric {_echo(request.metricName)}; this trigger's metric is {_echo(name)}")
             reading = self._reading(req, meta, context)
             self._metrics.value.labels(name).set(reading.value)
             return pb.GetMetricsResponse(metricValues=[pb.MetricValue(
@@ -329,7 +523,7 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
             try:
                 active = self.source.reading(req, request.scalerMetadata).active
             except (LagError, MetadataError) as exc:
-                context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+                _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
             except Exception as exc:  # noqa: BLE001 - a broker blip: keep the stream, try again
                 log.warning("StreamIsActive %s: %s", metric_name(req), exc)
                 active = None
@@ -343,9 +537,16 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
 
     def _parse(self, meta: Mapping[str, str], context) -> ScalerRequest:
         try:
-            return parse_metadata(meta, default_bootstrap=self._default_bootstrap)
+            req = parse_metadata(meta, default_bootstrap=self._default_bootstrap)
         except MetadataError as exc:
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+            _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if self._allowed is not None:
+            denied = sorted(_bootstrap_hosts(req.bootstrap) - self._allowed)
+            if denied:
+                _abort(context, grpc.StatusCode.PERMISSION_DENIED,
+                       f"metadata bootstrapServers names {_echo(','.join(denied))}, which this scaler may not "
+                       "contact; use an allowed bootstrap (spotbatch scaler serve --allowed-bootstrap)")
+        return req
 
     def _target(self, req: ScalerRequest, context) -> float:
         if req.mode == "lag":
@@ -356,15 +557,20 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
     def _reading(self, req: ScalerRequest, meta: Mapping[str, str], context) -> Reading:
         try:
             return self.source.reading(req, meta)
-        except MetadataError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except LagError as exc:
-            context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(exc))
-        except Exception as exc:  # noqa: BLE001 - broker down or slow: KEDA retries the call
-            context.abort(grpc.StatusCode.UNAVAILABLE, f"reading offsets from {req.bootstrap}: {exc}")
+        except (MetadataError, LagError) as exc:
+            _abort(context, grpc.StatusCode.FAILED_PRECONDITION, str(exc))
+        except Unavailable as exc:  # this trigger's Kafka down or slow: KEDA retries the call
+            _abort(context, grpc.StatusCode.UNAVAILABLE, str(exc))
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"reading offsets from {_clip(req.bootstrap)}: {exc}")
 
     def _call(self, method: str, context):
         return _Timed(self._metrics, method, context)
+
+
+def _abort(context, code: grpc.StatusCode, message: str):
+    """End the call with ``code`` and a one-line, bounded message."""
+    context.abort(code, _one_line(message))
 
 
 class _Timed:
@@ -404,11 +610,15 @@ class ScalerServer:
 
 def serve(*, port: int = 9090, metrics_port: int | None = 9091, host: str = "0.0.0.0",
           source: LagSource | None = None, default_bootstrap: str | None = None,
-          max_workers: int = 64, stream_interval_s: float = 5.0) -> ScalerServer:
-    """Start the scaler (port 0: a free one); returns once it is serving."""
+          max_workers: int = 64, stream_interval_s: float = 5.0,
+          allowed_bootstrap: Iterable[str] | None = None) -> ScalerServer:
+    """Start the scaler (port 0: a free one); returns once it is serving.
+
+    ``allowed_bootstrap``: host:port entries triggers may name (None: any)."""
     registry = CollectorRegistry()
     servicer = ExternalScalerServicer(source or LagSource(), default_bootstrap=default_bootstrap,
-                                      registry=registry, stream_interval_s=stream_interval_s)
+                                      registry=registry, stream_interval_s=stream_interval_s,
+                                      allowed_bootstrap=allowed_bootstrap)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="scaler"))
     pb_grpc.add_ExternalScalerServicer_to_server(servicer, server)
     health_servicer = health.HealthServicer()

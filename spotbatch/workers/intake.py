@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 from spotbatch.errors import JobError
-from spotbatch.inputs import read_rows
+from spotbatch.input_access import InputPolicy
+from spotbatch.inputs import DEFAULT_MAX_INPUT_BYTES, read_rows
 from spotbatch.jobs import InlineInputs, Job
 from spotbatch.models.base import ModelHandler
 from spotbatch.workers.batcher import PendingJob
@@ -23,9 +24,12 @@ class Intake:
     """
 
     def __init__(self, handler: ModelHandler, sink: ParquetSink, *, aliases: tuple[str, ...] = (),
-                 planner: PartPlanner | None = None) -> None:
+                 planner: PartPlanner | None = None, inputs: InputPolicy | None = None,
+                 max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> None:
         self._handler = handler
         self._sink = sink
+        self._inputs = inputs or InputPolicy(())  # none: URI jobs are refused
+        self._max_input_bytes = max_input_bytes
         self._planner = planner  # None: URI jobs are written whole, like inline ones
         # The name the operator configured ("torchscript:./m.pt") and the handler's own.
         self._names = {handler.name, *aliases}
@@ -80,7 +84,9 @@ class Intake:
                     raise JobError("invalid_job", f"inputs.rows.{i}: missing the model's input column {column!r}")
             return [row.id for row in job.inputs.rows], [extra[column] for extra in extras]
         inputs = job.inputs
-        ids, values = read_rows(inputs.uri, id_column=inputs.id_column, input_column=inputs.input_column or column)
+        uri = self._inputs.resolve(inputs.uri)  # before any byte is read
+        ids, values = read_rows(uri, id_column=inputs.id_column, input_column=inputs.input_column or column,
+                                max_bytes=self._max_input_bytes)
         if not ids:
             raise JobError("input_invalid", f"{inputs.uri} has no rows")
         return ids, values

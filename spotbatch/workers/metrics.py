@@ -42,16 +42,22 @@ class WorkerMetrics:
         return time.time() - self._last_loop_at < stale_s
 
 
-def serve_metrics(port: int, registry: CollectorRegistry, healthy: Callable[[], bool]) -> ThreadingHTTPServer:
-    """Start a daemon HTTP server on ``port``; returns it so the caller can shut it down."""
+def serve_metrics(port: int, registry: CollectorRegistry, healthy: Callable[[], bool | tuple[bool, str]]
+                  ) -> ThreadingHTTPServer:
+    """Start a daemon HTTP server on ``port``; returns it so the caller can shut it down.
+
+    ``healthy`` returns a bool, or (ok, reason): the reason is the /healthz body.
+    ``registry`` is anything with ``collect()`` (a stand-in while the worker starts).
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:  # noqa: N802 (http.server naming)
             if self.path.startswith("/metrics"):
                 self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
             elif self.path.startswith("/healthz"):
-                ok = healthy()
-                self._reply(200 if ok else 503, b"ok\n" if ok else b"stalled\n", "text/plain")
+                result = healthy()
+                ok, reason = result if isinstance(result, tuple) else (result, "ok" if result else "stalled")
+                self._reply(200 if ok else 503, f"{reason}\n".encode(), "text/plain")
             else:
                 self._reply(404, b"not found: try /metrics or /healthz\n", "text/plain")
 

@@ -55,6 +55,10 @@ class ParquetSink:
     def _prefix(self, output_prefix: str | None) -> str:
         return check_under_prefix(self._anchor(output_prefix), self.root) if output_prefix else self.root
 
+    def under_root(self, name: str) -> str:
+        """``<root>/<name>``, checked to stay under root."""
+        return self._under_root(self.root, name)
+
     def _under_root(self, prefix: str, name: str) -> str:
         # Checked again after the join, in case an odd id still points somewhere else.
         return check_under_prefix(join_uri(prefix, name), self.root)

@@ -24,7 +24,8 @@ from kafka.structs import TopicPartition
 
 from spotbatch import chaos
 from spotbatch.config import Settings
-from spotbatch.errors import JobError
+from spotbatch.errors import JobError, job_error_from
+from spotbatch.input_access import InputPolicy
 from spotbatch.jobs import InlineInputs, Job, parse_job
 from spotbatch.kafka_security import client_options
 from spotbatch.retry import kafka_retry, model_retry
@@ -108,7 +109,8 @@ class Worker:
         planner = PartPlanner(checkpoints or store_for_checkpoints(settings.checkpoint_location()), sink,
                               self.interval, owner=self.worker_id, max_attempts=settings.max_attempts,
                               rows_per_s=lambda: self._rows_per_s)
-        self._intake = Intake(handler, sink, aliases=(settings.model,), planner=planner)
+        self._intake = Intake(handler, sink, aliases=(settings.model,), planner=planner,
+                              inputs=InputPolicy(settings.input_prefixes), max_input_bytes=settings.max_input_bytes)
         self._live: set[PendingJob] = set()  # accepted units not yet durable or failed
         self._stop_reason = "stop requested"
         self._sink = sink
@@ -130,7 +132,8 @@ class Worker:
         self._consumer = self._make_consumer()
         # A broker blip (connection lost, coordinator moving) must not end the worker.
         self._poll = kafka_retry(self._consumer.poll)
-        self._streams = SideStreams(self._make_producer(), self.worker_id)
+        self._streams = SideStreams(self._make_producer(), self.worker_id,
+                                    max_record_bytes=settings.max_partition_fetch_bytes, archive=self._archive)
         self._usage = UsageMeter(worker_id=self.worker_id, pool=settings.pool, instance_type=settings.instance_type,
                                  gpus=settings.gpu_count, interval_s=settings.usage_interval_s,
                                  emit=lambda record: self._streams.usage(settings.usage_topic, **record))
@@ -314,17 +317,17 @@ class Worker:
             return True
         try:
             job = parse_job(record.value)
-        except JobError as err:
+        except Exception as exc:  # noqa: BLE001 - the one boundary: whatever a message holds
             self._tracker.seen(tp, record.offset)
-            self._dead_letter(record, epoch, err)
+            self._dead_letter(record, epoch, job_error_from(exc))
             return True
         if self._hold_large_jobs(tp, job):
             return False
         self._tracker.seen(tp, record.offset)
         try:
             self._intake.check(job)  # fail fast on model, params and prefix before any I/O
-        except JobError as err:
-            self._dead_letter(record, epoch, err)
+        except Exception as exc:  # noqa: BLE001 - see parse_job above
+            self._dead_letter(record, epoch, job_error_from(exc))
             return True
         rows = len(job.inputs.rows) if isinstance(job.inputs, InlineInputs) else self.settings.max_batch_rows
         self._loads.append(_Load(record, epoch, job, rows, self._io.submit(self._intake.build, job, record, epoch)))
@@ -350,8 +353,8 @@ class Worker:
         for load in _take_done(self._loads, lambda item: item.future):
             try:
                 units = load.future.result()
-            except JobError as err:
-                self._dead_letter(load.record, load.epoch, err)
+            except Exception as exc:  # noqa: BLE001 - infrastructure faults re-raise below
+                self._dead_letter(load.record, load.epoch, job_error_from(exc, default="input_invalid"))
                 continue
             if self._owned.get(TopicPartition(load.record.topic, load.record.partition)) == load.epoch:
                 self._add(load.record, load.epoch, load.job, units)
@@ -426,6 +429,12 @@ class Worker:
         self.interval.observe_cost(cost_s)
         chaos.reached("after_write")
         return complete
+
+    def _archive(self, name: str, data: bytes) -> str:
+        """Store an oversized dead letter's original value beside the outputs."""
+        uri = self._sink.under_root(f"_dlq/{name}")
+        self._sink.write_bytes(uri, data)
+        return uri
 
     def _collect_writes(self) -> None:
         for job, _, fut in _take_done(self._writes, lambda item: item[2]):

@@ -274,10 +274,10 @@ def verify_dead_letters(dead: list, workload: Workload, coords: dict) -> int:
     for record in dead:
         h = dict(record.headers)
         at = (int(h["spotbatch.source.partition"]), int(h["spotbatch.source.offset"]))
-        assert at in bad_at, (f"a good job was dead-lettered: {record.key} {h['spotbatch.error.code']}: "
+        assert at in bad_at, (f"a good job was dead-lettered: {h.get('spotbatch.source.key')} {h['spotbatch.error.code']}: "
                               f"{h['spotbatch.error.reason'][:300]}")
         bad = bad_at[at]
-        assert (record.key, record.value) == (bad.key, bad.value), bad.name
+        assert (h.get("spotbatch.source.key"), record.value) == (bad.key, bad.value), bad.name  # key: a header
         assert h["spotbatch.error.code"].decode() == bad.code, (bad.name, h["spotbatch.error.reason"])
         seen.append(at)
     missing = [bad_at[a].name for a in set(bad_at) - set(seen)]

@@ -248,7 +248,7 @@ def chaos(kafka_bootstrap, s3_endpoint, s3_client, tmp_path_factory):
 
     started = time.monotonic()
     sup = Supervisor(kafka_bootstrap, topic, group, root, tmp, slots=SLOTS, args=WORKER_ARGS,
-                     env={"SPOTBATCH_USAGE_TOPIC": usage_topic})
+                     env={"SPOTBATCH_USAGE_TOPIC": usage_topic, "SPOTBATCH_INPUT_PREFIXES": f"s3://{bucket}/in"})
     publisher = TricklePublisher(kafka_bootstrap, topic, workload.order)
     werkzeug = logging.getLogger("werkzeug")  # moto's request log: thousands of lines
     level = werkzeug.level

@@ -91,7 +91,7 @@ def outage(kafka_bootstrap, s3_endpoint, s3_client, tmp_path_factory):
     coords = publish_all(kafka_bootstrap, topic, before.order)
 
     proxy = S3FaultProxy(s3_endpoint).__enter__()
-    env = {"AWS_ENDPOINT_URL": proxy.url}
+    env = {"AWS_ENDPOINT_URL": proxy.url, "SPOTBATCH_INPUT_PREFIXES": f"s3://{bucket}/in"}
     workers: list[WorkerProc] = []
     restarted: list[WorkerProc] = []
     try:

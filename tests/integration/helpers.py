@@ -111,16 +111,27 @@ def worker_procs():
     del _LIVE[start:]
 
 
+def _input_prefix_args(prefixes: Iterable[str] | None, log_dir: Path, env: dict[str, str] | None) -> list[str]:
+    if prefixes is None and "SPOTBATCH_INPUT_PREFIXES" in (env or {}):
+        return []  # the caller's env names them (flags would override it)
+    return [arg for prefix in (prefixes or [str(log_dir)]) for arg in ("--input-prefix", prefix)]
+
+
 def spawn_worker(
     bootstrap: str, topic: str, group: str, output: str | Path, log_dir: Path, *,
     name: str = "worker", burst: bool = True, args: Iterable[str] = (), env: dict[str, str] | None = None,
+    input_prefixes: Iterable[str] | None = None,
 ) -> WorkerProc:
-    """Start ``python -m spotbatch worker`` (tiny model, 1 torch thread, 6 s session)."""
+    """Start ``python -m spotbatch worker`` (tiny model, 1 torch thread, 6 s session).
+
+    URI jobs may read under ``input_prefixes`` (default: ``log_dir``, the test's tmp_path).
+    """
     cmd = [
         sys.executable, "-m", "spotbatch", "worker",
         "--bootstrap", bootstrap, "--topic", topic, "--group", group,
         "--model", "tiny", "--output", str(output),
         "--torch-threads", "1", "--session-timeout-ms", str(SESSION_TIMEOUT_MS),
+        *_input_prefix_args(input_prefixes, log_dir, env),
         *(["--burst"] if burst else []), *args,
     ]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTBATCH_")}

@@ -155,7 +155,9 @@ def test_metrics_and_healthz(kafka_bootstrap, tmp_path):
 
     worker = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, burst=False,
                           args=["--metrics-port", str(port)])
-    status, body = wait_until(lambda: _try_get(f"{base}/healthz"), 60, "/healthz", workers=[worker])
+    # /healthz answers from the start: 503 with the phase until the consumer loop turns.
+    status, body = wait_until(lambda: (r := _try_get(f"{base}/healthz")) and r[0] == 200 and r, 60, "/healthz 200",
+                              workers=[worker])
     assert (status, body.strip()) == (200, "ok")
 
     def rows_done():

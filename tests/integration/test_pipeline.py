@@ -122,12 +122,15 @@ def test_bad_input_goes_to_the_dlq_and_good_jobs_still_finish(kafka_bootstrap, t
     assert not (tmp_path.parent / "escape").exists() and not (tmp_path / "escape").exists()
     assert not (tmp_path / "outside").exists()
     dead = read_all(kafka_bootstrap, dlq_topic(topic))
-    assert sorted(r.key for r in dead) == sorted(bad)  # each bad one exactly once, no good one
-    for rec in dead:
-        value, code = bad[rec.key]
+    # Dead letters are keyed by source coordinates; the original key is a header.
+    keys = [dict(r.headers)["spotbatch.source.key"] for r in dead]
+    assert sorted(keys) == sorted(bad)  # each bad one exactly once, no good one
+    for rec, key in zip(dead, keys):
+        value, code = bad[key]
         headers = {k: v.decode() for k, v in rec.headers}
-        partition, offset = coords[rec.key]
-        assert rec.value == value, rec.key
+        partition, offset = coords[key]
+        assert rec.key == f"{topic}:{partition}:{offset}".encode(), key
+        assert rec.value == value, key
         assert headers["spotbatch.error.code"] == code, (rec.key, headers)
         assert headers["spotbatch.error.reason"], rec.key
         assert headers["spotbatch.source.topic"] == topic
@@ -188,7 +191,7 @@ def test_s3_output_and_s3_input(kafka_bootstrap, s3_endpoint, s3_client, s3_buck
     ])
 
     # The worker inherits os.environ, where s3_endpoint put AWS_ENDPOINT_URL and fake keys.
-    worker = spawn_worker(kafka_bootstrap, topic, group, prefix, tmp_path)
+    worker = spawn_worker(kafka_bootstrap, topic, group, prefix, tmp_path, input_prefixes=[f"s3://{s3_bucket}/"])
     wait_ok(worker)
 
     keys = {o["Key"] for o in s3_client.list_objects_v2(Bucket=s3_bucket).get("Contents", [])}
@@ -201,7 +204,8 @@ def test_s3_output_and_s3_input(kafka_bootstrap, s3_endpoint, s3_client, s3_buck
     assert_job_output(read_table(f"{prefix}/s3-in/part-00000.parquet"), in_ids, in_texts)
     assert_job_output(read_table(f"{prefix}/sub/s3-sub.parquet"), ["r1", "r2"], ["hello", "world"])
     dead = read_all(kafka_bootstrap, dlq_topic(topic))
-    assert [(r.key, dict(r.headers)["spotbatch.error.code"]) for r in dead] == [(b"s3-other-bucket", b"output_outside_prefix")]
+    assert [(dict(r.headers)["spotbatch.source.key"], dict(r.headers)["spotbatch.error.code"]) for r in dead] == [
+        (b"s3-other-bucket", b"output_outside_prefix")]
     assert_committed_to_end(kafka_bootstrap, group, topic)
 
 

@@ -14,6 +14,7 @@ import botocore.exceptions
 import pytest
 from pydantic import ValidationError
 
+from spotbatch.checkpointing.interval import FIRST_PART_BATCHES
 from spotbatch.checkpointing import (
     MAX_ATTEMPT_HISTORY,
     CheckpointInterval,
@@ -379,7 +380,7 @@ def test_interval_seconds_setting():
     interval = CheckpointInterval("30s", batch_rows=64)
     assert interval.interval_s() == 30.0
     assert interval.rows(100.0) == 3000
-    assert interval.rows(None) == 64  # no throughput yet: one batch
+    assert interval.rows(None) == 64 * FIRST_PART_BATCHES  # no throughput yet: a floor of batches
     assert interval.rows(1.0) == 64  # at least one batch
     assert interval.rows(1e9) == 1_000_000  # at most a million rows
     assert CheckpointInterval("1.5s").rows(10.0) == 15
@@ -387,7 +388,7 @@ def test_interval_seconds_setting():
 
 def test_interval_auto_uses_young_with_measured_cost():
     interval = CheckpointInterval("auto", batch_rows=32)
-    assert interval.interval_s() is None and interval.rows(350.0) == 32  # cost not measured yet
+    assert interval.interval_s() is None and interval.rows(350.0) == 32 * FIRST_PART_BATCHES  # cost not measured yet
     interval.observe_cost(2.0)
     assert interval.interval_s() == pytest.approx(293.9, abs=0.1)
     assert interval.rows(350.0) == math.ceil(young_interval_s(2.0, 6 * 3600) * 350.0)

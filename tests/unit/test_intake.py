@@ -8,6 +8,7 @@ from collections import namedtuple
 import pytest
 
 from spotbatch.errors import JobError
+from spotbatch.input_access import InputPolicy
 from spotbatch.jobs import parse_job
 from spotbatch.models.tiny import TinyHandler
 from spotbatch.workers.intake import Intake
@@ -22,8 +23,8 @@ def root(tmp_path):
 
 
 @pytest.fixture
-def intake(root):
-    return Intake(TinyHandler(), ParquetSink(root))
+def intake(root, tmp_path):
+    return Intake(TinyHandler(), ParquetSink(root), inputs=InputPolicy([str(tmp_path)]))
 
 
 def _job(**over):

@@ -122,7 +122,7 @@ def test_tombstone():
 def test_oversized_message():
     raw = b" " * (MAX_JOB_BYTES + 1)
     err = _error(raw)
-    assert err.code == "invalid_job"
+    assert err.code == "message_too_large"
     assert str(MAX_JOB_BYTES + 1) in err.reason and str(MAX_JOB_BYTES) in err.reason
 
 
@@ -199,3 +199,38 @@ def test_missing_required_field(field):
 def test_error_str_carries_code_and_reason():
     err = _error(_raw(_inline(job_id="a/b")))
     assert str(err) == f"invalid_job: {err.reason}"
+
+
+@pytest.mark.parametrize(("raw", "code", "says"), [
+    (b'{"a": ' + b"[" * 10_000 + b"]" * 10_000 + b"}", "invalid_job", "nested"),  # json: RecursionError
+    (b'{"job_id": "x", "params": {"n": ' + b"7" * 5000 + b"}}", "invalid_job", "digits"),  # json: ValueError
+    (b'{"job_id": "' + b"x" * (2 * 1024 * 1024) + b'"}', "invalid_job", "string"),
+    (b'{"job_id": "x", "inputs": ' + b"[" * 40, "invalid_job", "nested"),  # unterminated, still bounded
+    (b'{"a": 1e999999, "b": "\xff"}', "malformed_json", "JSON"),
+])
+def test_hostile_shapes_are_job_errors_not_crashes(raw, code, says):
+    err = _error(raw)
+    assert err.code == code and says in err.reason
+
+
+def test_brackets_inside_strings_do_not_count_as_nesting():
+    text = "[" * 100 + '\\"{' * 50
+    job = parse_job(json.dumps({"job_id": "x", "model": "m", "inputs": {"rows": [{"id": "1", "text": text}]}}).encode())
+    assert job.inputs.rows[0].model_extra["text"] == text
+
+
+def test_a_legitimate_100k_row_job_fits_every_bound():
+    rows = [{"id": f"doc-{i:06d}", "text": f"sentence {i}"} for i in range(100_000)]
+    raw = json.dumps({"job_id": "big", "model": "tiny", "inputs": {"rows": rows}}).encode()
+    assert len(raw) < MAX_JOB_BYTES
+    assert len(parse_job(raw).inputs.rows) == 100_000
+
+
+@pytest.mark.parametrize("field", ["output", "uri"])
+def test_control_characters_in_locations_are_invalid(field):
+    body = {"job_id": "x", "model": "m", "inputs": {"rows": [{"id": "1", "text": "t"}]}}
+    if field == "output":
+        body["output"] = "run\x00/"
+    else:
+        body["inputs"] = {"uri": "/in/a\x00.jsonl"}
+    assert _error(json.dumps(body).encode()).code == "invalid_job"

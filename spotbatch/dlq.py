@@ -1,0 +1,471 @@
+"""``spotbatch dlq ...``: list, show and redrive the dead letters of a jobs topic.
+
+Dead letters are at-least-once (a crash between a dead letter's ack and the offset
+commit writes it again), so every view here is de-duplicated by the dead letter's
+source coordinates (topic, partition, offset): the last one written wins. The DLQ is
+read whole (every partition, from the start to the log end as it was when the read
+began) by a reader with no consumer group.
+
+Redrive re-publishes the original bytes (value, original key, original headers) to the
+jobs topic. A dead letter of an oversized job may hold a truncated value
+(``spotbatch.original.truncated`` = ``1``); its full bytes are read back from
+``spotbatch.original.uri`` (checked against ``spotbatch.original.sha256`` / ``.size``
+when given), and without a URI it is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import typer
+
+__all__ = [
+    "DeadLetter",
+    "parse_dead_letter",
+    "dedupe",
+    "select",
+    "find",
+    "original_bytes",
+    "RedriveRefused",
+    "dead_letter_key",
+    "SOURCE_KEY_HEADER",
+    "register",
+]
+
+PREFIX = "spotbatch."
+SOURCE_KEY_HEADER = PREFIX + "source.key"
+TRUNCATED_HEADER = PREFIX + "original.truncated"
+SIZE_HEADER = PREFIX + "original.size"
+SHA256_HEADER = PREFIX + "original.sha256"
+URI_HEADER = PREFIX + "original.uri"
+# Headers the dead-letter writer adds; everything else came with the original record.
+_OURS = {PREFIX + n for n in ("error.code", "error.reason", "source.topic", "source.partition", "source.offset",
+                              "source.key", "worker")}
+_OURS_PREFIXES = (PREFIX + "original.",)
+REASON_WIDTH = 60
+
+
+def dlq_topic_of(topic: str) -> str:
+    """``<topic>.dlq`` (as spotbatch.workers.streams.dlq_topic; not imported: that package loads torch)."""
+    return f"{topic}.dlq"
+
+
+def dead_letter_key(topic: str, partition: int, offset: int) -> bytes:
+    """The key a dead letter is written with: its source coordinates."""
+    return f"{topic}:{partition}:{offset}".encode()
+
+
+class RedriveRefused(Exception):
+    """This dead letter cannot be redriven as it is; the message says why and the fix."""
+
+
+@dataclass
+class DeadLetter:
+    dlq_partition: int
+    dlq_offset: int
+    timestamp: int
+    source_topic: Optional[str]
+    source_partition: Optional[int]
+    source_offset: Optional[int]
+    code: Optional[str]
+    reason: str
+    key: Optional[bytes]  # the original record's key
+    value: Optional[bytes]  # as stored in the DLQ (truncated if ``truncated``)
+    headers: list[tuple[str, bytes]]  # the original record's headers (ours removed)
+    worker: Optional[str] = None
+    truncated: bool = False
+    original_size: Optional[int] = None
+    original_sha256: Optional[str] = None
+    original_uri: Optional[str] = None
+    duplicates: int = 0  # other dead letters for the same source record, dropped
+    job_id: Optional[str] = field(default=None)
+
+    @property
+    def coords(self) -> tuple:
+        """What identifies the source record (the DLQ's own position for a letter without one)."""
+        if self.source_partition is None or self.source_offset is None:
+            return ("<dlq>", self.dlq_partition, self.dlq_offset)
+        return (self.source_topic or "", self.source_partition, self.source_offset)
+
+    @property
+    def size(self) -> int:
+        """Bytes of the original value (its recorded size when truncated here)."""
+        if self.truncated and self.original_size is not None:
+            return self.original_size
+        return len(self.value or b"")
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "source": {"topic": self.source_topic, "partition": self.source_partition, "offset": self.source_offset},
+            "dlq": {"partition": self.dlq_partition, "offset": self.dlq_offset},
+            "job_id": self.job_id, "code": self.code, "reason": self.reason, "size": self.size,
+            "key": _text(self.key), "worker": self.worker, "truncated": self.truncated,
+            "original_uri": self.original_uri, "duplicates": self.duplicates, "timestamp_ms": self.timestamp,
+        }
+
+    def detail(self) -> dict[str, Any]:
+        return {**self.summary(), "original_sha256": self.original_sha256,
+                "value": _text(self.value), "headers": {k: _text(v) for k, v in self.headers}}
+
+
+def _text(data: Optional[bytes]) -> Optional[str]:
+    """UTF-8 text where it decodes, else ``hex:...``."""
+    if data is None:
+        return None
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        return "hex:" + data.hex()
+
+
+def _int(raw: Optional[bytes]) -> Optional[int]:
+    try:
+        return int(raw) if raw is not None else None
+    except ValueError:
+        return None
+
+
+def _str(raw: Optional[bytes]) -> Optional[str]:
+    return raw.decode(errors="replace") if raw is not None else None
+
+
+_JOB_ID_RE = re.compile(rb'"job_id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9._-]{0,127})"')
+
+
+def _job_id(value: Optional[bytes], *, truncated: bool = False) -> Optional[str]:
+    """The job id of a JSON job; of a truncated one, the first ``"job_id"`` in its preview."""
+    if truncated:
+        found = _JOB_ID_RE.search(value or b"")
+        return found.group(1).decode() if found else None
+    try:
+        body = json.loads(value) if value else None
+    except ValueError:
+        return None
+    job_id = body.get("job_id") if isinstance(body, dict) else None
+    return job_id if isinstance(job_id, str) else None
+
+
+def parse_dead_letter(record: Any) -> DeadLetter:
+    """A DLQ record (kafka-python ConsumerRecord or alike) as a DeadLetter."""
+    headers = [(k, v if v is not None else b"") for k, v in (record.headers or [])]
+    ours = {k: v for k, v in headers if k in _OURS or k.startswith(_OURS_PREFIXES)}  # the last of each wins
+    original = [(k, v) for k, v in headers if not (k in _OURS or k.startswith(_OURS_PREFIXES))]
+    topic, partition, offset = (_str(ours.get(PREFIX + "source.topic")), _int(ours.get(PREFIX + "source.partition")),
+                                _int(ours.get(PREFIX + "source.offset")))
+    if SOURCE_KEY_HEADER in ours:
+        key = ours[SOURCE_KEY_HEADER]
+    elif partition is not None and offset is not None and record.key == dead_letter_key(topic or "", partition, offset):
+        key = None  # keyed by coordinates, and the original had no key
+    else:
+        key = record.key  # written before dead letters were keyed by coordinates
+    value = record.value
+    truncated = ours.get(TRUNCATED_HEADER, b"").strip() in (b"1", b"true")
+    return DeadLetter(
+        dlq_partition=record.partition, dlq_offset=record.offset, timestamp=getattr(record, "timestamp", 0) or 0,
+        source_topic=topic, source_partition=partition, source_offset=offset,
+        code=_str(ours.get(PREFIX + "error.code")), reason=_str(ours.get(PREFIX + "error.reason")) or "",
+        key=key, value=value, headers=original, worker=_str(ours.get(PREFIX + "worker")),
+        truncated=truncated,
+        original_size=_int(ours.get(SIZE_HEADER)), original_sha256=_str(ours.get(SHA256_HEADER)),
+        original_uri=_str(ours.get(URI_HEADER)) or None, job_id=_job_id(value, truncated=truncated),
+    )
+
+
+def dedupe(letters: Iterable[DeadLetter]) -> list[DeadLetter]:
+    """One dead letter per source record, the last one written; sorted by source coordinates.
+
+    "Last": the higher offset on the same DLQ partition (a keyed DLQ puts repeats on one
+    partition); across partitions (letters keyed by the original key), the later timestamp.
+    """
+    kept: dict[tuple, DeadLetter] = {}
+    for letter in letters:
+        seen = kept.get(letter.coords)
+        if seen is None:
+            kept[letter.coords] = letter
+            continue
+        if letter.dlq_partition == seen.dlq_partition:
+            later = letter.dlq_offset > seen.dlq_offset
+        else:
+            later = (letter.timestamp, letter.dlq_partition) > (seen.timestamp, seen.dlq_partition)
+        winner = letter if later else seen
+        winner.duplicates = seen.duplicates + letter.duplicates + 1
+        kept[letter.coords] = winner
+    return sorted(kept.values(), key=lambda d: (str(d.coords[0]), d.coords[1], d.coords[2]))
+
+
+def parse_offset(text: str) -> tuple[Optional[int], int]:
+    """``N`` (any partition) or ``P:N`` -> (partition or None, offset); ValueError otherwise."""
+    part, sep, off = text.strip().rpartition(":")
+    if sep:
+        partition, offset = int(part), int(off)
+    else:
+        partition, offset = None, int(off)
+    if offset < 0 or (partition is not None and partition < 0):
+        raise ValueError(text)
+    return partition, offset
+
+
+def _at(letter: DeadLetter, partition: Optional[int], offset: int) -> bool:
+    return letter.source_offset == offset and (partition is None or letter.source_partition == partition)
+
+
+def select(letters: Iterable[DeadLetter], *, codes: Iterable[str] = (), job_ids: Iterable[str] = (),
+           offsets: Iterable[tuple[Optional[int], int]] = ()) -> list[DeadLetter]:
+    """Letters matching every kind of selector given (any value within a kind).
+
+    No selector at all selects nothing (redrive must be asked for something).
+    """
+    codes, job_ids, offsets = set(codes), set(job_ids), list(offsets)
+    if not (codes or job_ids or offsets):
+        return []
+    return [d for d in letters
+            if (not codes or d.code in codes) and (not job_ids or d.job_id in job_ids)
+            and (not offsets or any(_at(d, p, o) for p, o in offsets))]
+
+
+def find(letters: Iterable[DeadLetter], which: str) -> list[DeadLetter]:
+    """``show``'s argument: a source offset (``N`` or ``P:N``), else a job id."""
+    letters = list(letters)
+    try:
+        partition, offset = parse_offset(which)
+    except ValueError:
+        pass
+    else:
+        hits = [d for d in letters if _at(d, partition, offset)]
+        if hits:
+            return hits
+    return [d for d in letters if d.job_id == which]
+
+
+def original_bytes(letter: DeadLetter, read=None) -> Optional[bytes]:
+    """The full original value: the DLQ's value, or for a truncated one the bytes at its URI.
+
+    ``read(uri) -> bytes`` defaults to ``spotbatch.storage.store_for(uri).read_bytes``.
+    RedriveRefused when a truncated letter has no URI, or the bytes there do not match.
+    """
+    if not letter.truncated:
+        return letter.value
+    where = f"source {letter.source_partition}:{letter.source_offset}"
+    if not letter.original_uri:
+        raise RedriveRefused(f"{where}: dead letter holds a truncated value ({letter.size} bytes originally) "
+                             f"and no {URI_HEADER}; republish the full job yourself")
+    if read is None:
+        from spotbatch.storage import store_for
+
+        read = lambda uri: store_for(uri).read_bytes(uri)  # noqa: E731
+    try:
+        data = read(letter.original_uri)
+    except Exception as exc:  # noqa: BLE001 - missing object, no access: same answer
+        raise RedriveRefused(f"{where}: cannot read the original from {letter.original_uri} ({exc}); "
+                             "restore it there or republish the job yourself") from None
+    if letter.original_size is not None and len(data) != letter.original_size:
+        raise RedriveRefused(f"{where}: {letter.original_uri} holds {len(data)} bytes, the dead letter says "
+                             f"{letter.original_size}; restore the original there")
+    if letter.original_sha256 and hashlib.sha256(data).hexdigest() != letter.original_sha256.lower():
+        raise RedriveRefused(f"{where}: {letter.original_uri} does not match {SHA256_HEADER}; restore the original there")
+    return data
+
+
+# ---- the CLI --------------------------------------------------------------------------
+
+dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters of a jobs topic: list, show, redrive.")
+
+_TopicOpt = typer.Option(..., "--topic", help="Jobs topic whose <topic>.dlq to read.")
+_BootstrapOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP].")
+_ConfigOpt = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG].")
+_TimeoutOpt = typer.Option(30.0, "--timeout-s", min=1, help="Give up reading the DLQ after this long.")
+_JsonOpt = typer.Option(False, "--json", help="Print JSON.")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    from spotbatch.cli import _fail as fail  # the one format for CLI errors
+
+    fail(message, code)
+
+
+def _load(topic: str, bootstrap: Optional[str], config: Optional[Path], timeout_s: float):
+    """(settings, de-duplicated dead letters of <topic>.dlq)."""
+    from kafka.errors import KafkaError, UnknownTopicOrPartitionError
+
+    from spotbatch.cli import _settings
+    from spotbatch.kafka_admin import read_all
+    from spotbatch.kafka_security import client_options
+
+    settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic)
+    name = dlq_topic_of(settings.topic)
+    try:
+        records = read_all(settings.kafka_bootstrap, name, timeout_s=timeout_s,
+                           client_options={"bootstrap_timeout_ms": int(min(timeout_s, 10.0) * 1000),
+                                           **client_options(settings)})
+    except UnknownTopicOrPartitionError:
+        hint = f" (did you mean --topic {topic.removesuffix('.dlq')}?)" if topic.endswith(".dlq") else ""
+        _fail(f"topic {name} does not exist on {settings.kafka_bootstrap}; pass the jobs topic with --topic{hint}")
+    except KafkaError as exc:
+        if "bootstrap" in str(exc).lower():  # kafka-python 3: KafkaTimeoutError "Unable to bootstrap from ..."
+            _fail(f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}); pass --bootstrap HOST:PORT")
+        _fail(f"reading {name} from {settings.kafka_bootstrap} failed ({exc}); check the broker, "
+              "or raise --timeout-s", code=1)
+    return settings, dedupe(parse_dead_letter(r) for r in records)
+
+
+def _table(letters: list[DeadLetter], title: str):
+    from rich.table import Table
+
+    table = Table(title=title)
+    for name, justify in (("partition", "right"), ("offset", "right"), ("job id", "left"), ("code", "left"),
+                          ("reason", "left"), ("size", "right")):
+        table.add_column(name, justify=justify)
+    for d in letters:
+        reason = d.reason if len(d.reason) <= REASON_WIDTH else d.reason[:REASON_WIDTH - 1] + "…"
+        size = f"{d.size}{'*' if d.truncated else ''}"
+        table.add_row(str(d.source_partition), str(d.source_offset), d.job_id or "-", d.code or "-",
+                      reason.replace("\n", " "), size)
+    return table
+
+
+def _print(renderable) -> None:
+    from spotbatch.cli import out
+
+    out.print(renderable)
+
+
+@dlq_app.command("list")
+def list_(
+    topic: str = _TopicOpt,
+    code: Optional[list[str]] = typer.Option(None, "--code", help="Only these error codes (repeatable)."),
+    as_json: bool = _JsonOpt,
+    bootstrap: Optional[str] = _BootstrapOpt,
+    timeout_s: float = _TimeoutOpt,
+    config: Optional[Path] = _ConfigOpt,
+) -> None:
+    """Dead letters of <topic>.dlq, one per source record (the last written)."""
+    settings, letters = _load(topic, bootstrap, config, timeout_s)
+    if code:
+        letters = [d for d in letters if d.code in set(code)]
+    if as_json:
+        print(json.dumps([d.summary() for d in letters]))
+        return
+    _print(_table(letters, f"{settings.topic}.dlq: {len(letters)} dead letters (* truncated here)"))
+
+
+@dlq_app.command()
+def show(
+    which: str = typer.Argument(..., metavar="OFFSET_OR_JOBID", help="Source offset (N or PARTITION:N) or job id."),
+    topic: str = _TopicOpt,
+    as_json: bool = _JsonOpt,
+    bootstrap: Optional[str] = _BootstrapOpt,
+    timeout_s: float = _TimeoutOpt,
+    config: Optional[Path] = _ConfigOpt,
+) -> None:
+    """One dead letter in full: headers, reason, value."""
+    settings, letters = _load(topic, bootstrap, config, timeout_s)
+    hits = find(letters, which)
+    if not hits:
+        _fail(f"no dead letter in {settings.topic}.dlq at source offset or job id {which!r}; "
+              f"see `spotbatch dlq list --topic {settings.topic}`", code=1)
+    if as_json:
+        print(json.dumps([d.detail() for d in hits]))
+        return
+    from rich.table import Table
+
+    for d in hits:
+        table = Table(title=f"source {d.source_topic}:{d.source_partition}:{d.source_offset}", show_header=False)
+        for key, value in d.detail().items():
+            if key == "headers":
+                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
+            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
+        _print(table)
+
+
+@dlq_app.command()
+def redrive(
+    topic: str = _TopicOpt,
+    code: Optional[list[str]] = typer.Option(None, "--code", help="Dead letters with this error code (repeatable)."),
+    job_id: Optional[list[str]] = typer.Option(None, "--job-id", help="Dead letters of this job id (repeatable)."),
+    offset: Optional[list[str]] = typer.Option(None, "--offset", help="Source offset N or PARTITION:N (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be sent; send nothing."),
+    as_json: bool = _JsonOpt,
+    bootstrap: Optional[str] = _BootstrapOpt,
+    timeout_s: float = _TimeoutOpt,
+    config: Optional[Path] = _ConfigOpt,
+) -> None:
+    """Re-publish chosen dead letters' original bytes (key, value, headers) to the jobs topic.
+
+    Selectors of different kinds must all match; values of one kind are alternatives.
+    """
+    if not (code or job_id or offset):
+        _fail("redrive needs a selector; pass --code CODE, --job-id ID or --offset N (see `spotbatch dlq list`)")
+    offsets = []
+    for text in offset or []:
+        try:
+            offsets.append(parse_offset(text))
+        except ValueError:
+            _fail(f"--offset {text!r} must be N or PARTITION:N (source offsets, non-negative integers)")
+    settings, letters = _load(topic, bootstrap, config, timeout_s)
+    chosen = select(letters, codes=code or (), job_ids=job_id or (), offsets=offsets)
+    ready, refused = [], []
+    for d in chosen:
+        try:
+            ready.append((d, original_bytes(d)))
+        except RedriveRefused as exc:
+            refused.append((d, str(exc)))
+    sent, failed = (0, []) if dry_run else _send(settings, ready, timeout_s)
+    report = {"topic": settings.topic, "selected": len(chosen), "redriven": sent, "dry_run": dry_run,
+              "would_redrive": len(ready) if dry_run else None,
+              "refused": [{"source": d.summary()["source"], "job_id": d.job_id, "why": why} for d, why in refused],
+              "failed": failed,
+              "letters": [d.summary() for d, _ in ready]}
+    if as_json:
+        print(json.dumps(report))
+    else:
+        from spotbatch.cli import err
+
+        if dry_run:
+            _print(_table([d for d, _ in ready], f"would redrive {len(ready)} of {len(chosen)} selected to {settings.topic}"))
+        else:
+            _print(f"redrove {sent} of {len(chosen)} selected dead letters to {settings.topic}")
+        for _, why in refused:
+            err.print(f"[red]refused:[/red] {why}", highlight=False)
+        for why in failed:
+            err.print(f"[red]send failed:[/red] {why}", highlight=False)
+    raise typer.Exit(1 if refused or failed else 0)
+
+
+def _send(settings: Any, ready: list[tuple[DeadLetter, Optional[bytes]]], timeout_s: float) -> tuple[int, list[str]]:
+    """Publish and wait for every ack: (acknowledged, [errors])."""
+    if not ready:
+        return 0, []
+    from kafka import KafkaProducer
+
+    from spotbatch.kafka_security import client_options
+
+    try:
+        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, acks="all",
+                                 max_request_size=max(1024 * 1024, 2 * max(len(v or b"") for _, v in ready)),
+                                 bootstrap_timeout_ms=5_000, **client_options(settings))
+    except Exception as exc:  # noqa: BLE001 - any connect failure gets the same fix
+        _fail(f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}); pass --bootstrap HOST:PORT")
+    sent, failed = 0, []
+    try:
+        futures = [(d, producer.send(settings.topic, key=d.key, value=value, headers=d.headers or None))
+                   for d, value in ready]
+        producer.flush(timeout=timeout_s)
+        for d, future in futures:
+            try:
+                future.get(timeout=max(1.0, timeout_s))
+                sent += 1
+            except Exception as exc:  # noqa: BLE001 - reported per letter
+                failed.append(f"source {d.source_partition}:{d.source_offset}: {exc}")
+    finally:
+        producer.close()
+    return sent, failed
+
+
+def register(app: typer.Typer) -> None:
+    """Attach ``spotbatch dlq`` to the main app."""
+    app.add_typer(dlq_app, name="dlq")
