@@ -41,6 +41,17 @@ def _settings(config: Optional[Path], **flags):
 def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
     logging.getLogger("kafka").setLevel(logging.WARNING)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_kafka_one_line)
+
+
+def _kafka_one_line(record: logging.LogRecord) -> bool:
+    """kafka-python logs a traceback for a connection reset (a lost broker): keep it one line."""
+    if record.name.startswith("kafka") and record.exc_info and record.exc_info[1] is not None:
+        exc = record.exc_info[1]
+        record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", ()
+        record.exc_info, record.exc_text = None, None
+    return True
 
 
 @app.command()

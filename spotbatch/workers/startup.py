@@ -20,10 +20,11 @@ import kafka.errors as _kafka_errors
 from spotbatch.config import Settings
 
 __all__ = ["StartupError", "StartupHealth", "check_writable", "check_locations", "wait_for_broker",
-           "broker_unreachable", "BrokerWatch", "BOOTSTRAP_ERRORS", "EXIT_BROKER", "EXIT_LOCATION"]
+           "broker_unreachable", "BrokerWatch", "BOOTSTRAP_ERRORS", "EXIT_BROKER", "EXIT_LOCATION", "PROBE_PREFIX"]
 
 log = logging.getLogger("spotbatch.worker")
 
+PROBE_PREFIX = ".spotbatch-probe-"  # the write check's file or object, deleted at once
 EXIT_LOCATION = 2  # the operator's to fix: like a bad flag
 EXIT_BROKER = 1  # infrastructure: like any fatal fault of a running worker
 
@@ -98,7 +99,7 @@ def check_writable(location: str, what: str, fix: str) -> None:
     """Write and delete a probe file (local) or object (s3://) under ``location``."""
     from spotbatch.storage import join_uri, parse_uri, store_for
 
-    name = f".spotbatch-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    name = f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         loc = parse_uri(location)
         if loc.scheme == "s3":
