@@ -63,7 +63,7 @@ def worker(
     output: Optional[str] = typer.Option(None, help="Output prefix: a folder or s3://bucket/prefix."),
     input_prefix: Optional[list[str]] = typer.Option(
         None, "--input-prefix", help="URI jobs may read only under this folder or s3://bucket/prefix/ "
-        "(repeatable) [env SPOTBATCH_INPUT_PREFIXES, comma-separated]; none: URI jobs are refused."),
+        "(repeatable; env SPOTBATCH_INPUT_PREFIXES, comma-separated); none: URI jobs are refused."),
     max_batch_rows: Optional[int] = typer.Option(None, help="Close a batch at this many rows."),
     max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long."),
     device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),

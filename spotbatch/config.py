@@ -191,6 +191,9 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:
         _yaml_path.reset(token)
 
 
+_FLAGS = {"input_prefixes": "input-prefix"}  # list settings take one value per (repeated) flag
+
+
 def _one_line(exc: ValidationError) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
@@ -198,4 +201,5 @@ def _one_line(exc: ValidationError) -> str:
         return str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"unknown setting {key!r}; valid keys: {', '.join(sorted(Settings.model_fields))}"
-    return f"setting {key!r}: {err['msg']} (flag --{key.replace('_', '-')} or env SPOTBATCH_{key.upper()})"
+    flag = _FLAGS.get(key, key.replace("_", "-"))
+    return f"setting {key!r}: {err['msg']} (flag --{flag} or env SPOTBATCH_{key.upper()})"

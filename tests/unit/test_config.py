@@ -160,3 +160,20 @@ def test_unreadable_yaml_is_a_config_error(tmp_path, text):
     with pytest.raises(ConfigError) as info:
         load_settings(config=path)
     assert str(path) in str(info.value) or "broken.yaml" in str(info.value)
+
+
+def test_input_prefixes_from_env_flags_and_yaml(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPOTBATCH_INPUT_PREFIXES", " /data/in , s3://bkt/in/ ,")
+    assert load_settings().input_prefixes == ["/data/in", "s3://bkt/in/"]
+    assert load_settings(input_prefixes=["/other"]).input_prefixes == ["/other"]  # flags win
+    monkeypatch.delenv("SPOTBATCH_INPUT_PREFIXES")
+    config = tmp_path / "c.yaml"
+    config.write_text("input_prefixes: [/a, s3://bkt/b/]\n")
+    assert load_settings(config).input_prefixes == ["/a", "s3://bkt/b/"]
+    assert load_settings().input_prefixes == []  # none: URI jobs are refused
+
+
+def test_bad_input_prefix_names_the_flag(monkeypatch):
+    monkeypatch.setenv("SPOTBATCH_INPUT_PREFIXES", "s3://Bad_Bucket/x")
+    with pytest.raises(ConfigError, match="--input-prefix or env SPOTBATCH_INPUT_PREFIXES"):
+        load_settings()
