@@ -3,57 +3,22 @@
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from kafka import KafkaProducer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spotbatch.config import ConfigError, load_settings
+from spotbatch.cli_common import BootstrapOpt, ConfigOpt, err, out
+from spotbatch.cli_common import fail as _fail
+from spotbatch.cli_common import load_or_exit as _settings
+from spotbatch.cli_common import setup_logging as _logging
 from spotbatch.errors import JobError
 from spotbatch.kafka_security import client_options
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference on spot GPUs, fed by Kafka.")
-err = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line in logs
-out = Console()
-
-BootstrapOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP].")
-ConfigOpt = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG].")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
-    raise typer.Exit(code)
-
-
-def _settings(config: Optional[Path], **flags):
-    try:
-        return load_settings(config, **flags)
-    except ConfigError as exc:
-        _fail(str(exc))
-
-
-def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s", stream=sys.stderr)
-    logging.getLogger("kafka").setLevel(logging.WARNING)
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(_kafka_one_line)
-
-
-def _kafka_one_line(record: logging.LogRecord) -> bool:
-    """kafka-python logs a traceback for a connection reset (a lost broker): keep it one line."""
-    if record.name.startswith("kafka") and record.exc_info and record.exc_info[1] is not None:
-        exc = record.exc_info[1]
-        record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", ()
-        record.exc_info, record.exc_text = None, None
-    return True
-
-
 @app.command()
 def worker(
     bootstrap: Optional[str] = BootstrapOpt,

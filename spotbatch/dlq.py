@@ -283,7 +283,7 @@ _JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from spotbatch.cli import _fail as fail  # the one format for CLI errors
+    from spotbatch.cli_common import fail  # the one format for CLI errors
 
     fail(message, code)
 
@@ -292,7 +292,7 @@ def _load(topic: str, bootstrap: Optional[str], config: Optional[Path], timeout_
     """(settings, de-duplicated dead letters of <topic>.dlq)."""
     from kafka.errors import KafkaError, UnknownTopicOrPartitionError
 
-    from spotbatch.cli import _settings
+    from spotbatch.cli_common import load_or_exit as _settings
     from spotbatch.kafka_admin import read_all
     from spotbatch.kafka_security import client_options
 
@@ -329,7 +329,7 @@ def _table(letters: list[DeadLetter], title: str):
 
 
 def _print(renderable) -> None:
-    from spotbatch.cli import out
+    from spotbatch.cli_common import out
 
     out.print(renderable)
 
@@ -423,7 +423,7 @@ def redrive(
     if as_json:
         print(json.dumps(report))
     else:
-        from spotbatch.cli import err
+        from spotbatch.cli_common import err
 
         if dry_run:
             _print(_table([d for d, _ in ready], f"would redrive {len(ready)} of {len(chosen)} selected to {settings.topic}"))

@@ -16,12 +16,12 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from spotbatch.errors import JobError
-from spotbatch.storage import Location, parse_uri
+from spotbatch.storage import Location, parse_uri, path_under
 
 __all__ = ["InputPolicy", "open_regular"]
 
 # Never inputs, whatever the prefixes say: kernel and device files are not data.
-_SYSTEM_ROOTS = ("/proc", "/sys", "/dev")
+_SYSTEM_ROOTS = [Location("file", "", root) for root in ("/proc", "/sys", "/dev")]
 
 
 class InputPolicy:
@@ -45,7 +45,7 @@ class InputPolicy:
             loc = _resolved(parse_uri(uri))
         except ValueError as exc:
             raise JobError("input_invalid", str(exc)[:300]) from None
-        if loc.scheme == "file" and _under_any(loc, [parse_uri(r) for r in _SYSTEM_ROOTS]):
+        if loc.scheme == "file" and _under_any(loc, _SYSTEM_ROOTS):
             raise JobError("input_outside_prefix", f"{_short(uri)}: system files are never inputs")
         if not _under_any(loc, self._prefixes):
             raise JobError("input_outside_prefix",
@@ -84,13 +84,9 @@ def _resolved(loc: Location) -> Location:
 
 
 def _under_any(loc: Location, prefixes: list[Location]) -> bool:
-    for prefix in prefixes:
-        if (loc.scheme, loc.bucket) != (prefix.scheme, prefix.bucket):
-            continue
-        sep = "/" if loc.scheme == "s3" else os.sep
-        if prefix.path == "" or loc.path == prefix.path or loc.path.startswith(prefix.path.rstrip(sep) + sep):
-            return True
-    return False
+    sep = "/" if loc.scheme == "s3" else os.sep
+    return any((loc.scheme, loc.bucket) == (p.scheme, p.bucket) and (p.path == "" or path_under(loc.path, p.path, sep))
+               for p in prefixes)
 
 
 def _short(uri: str, limit: int = 200) -> str:

@@ -9,9 +9,7 @@ original exception when it gives up, and logs one WARNING line before each sleep
 Only transient faults are retried. A JobError (the job itself is bad) and a CUDA
 out-of-memory error (the runner splits the batch instead) never are.
 
-``storage_retry`` is storage.S3_RETRY itself, not a second S3 policy. It is resolved
-lazily (PEP 562 ``__getattr__``) so storage.py may build its policy with
-:func:`retry_policy` from here without an import cycle.
+The S3 policy is built with :func:`retry_policy` where S3 lives: storage.S3_RETRY.
 """
 
 from __future__ import annotations
@@ -27,7 +25,6 @@ from spotbatch.errors import JobError
 
 __all__ = [
     "kafka_retry",
-    "storage_retry",
     "model_retry",
     "retry_policy",
     "TransientModelError",
@@ -118,11 +115,3 @@ kafka_retry = retry_policy(
 model_retry = retry_policy(
     "model", retry_if=is_transient_model, max_attempts=3, budget_s=30.0, multiplier=1.0, max_wait_s=10.0,
 )
-
-
-def __getattr__(name: str) -> Any:
-    if name == "storage_retry":
-        from spotbatch.storage import S3_RETRY
-
-        return S3_RETRY
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -39,6 +39,7 @@ __all__ = [
     "S3_RETRY",
     "store_for",
     "is_transient",
+    "path_under",
 ]
 
 _BUCKET_RE = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
@@ -145,17 +146,17 @@ def _is_under(loc: Location, prefix: Location) -> bool:
     if (loc.scheme, loc.bucket) != (prefix.scheme, prefix.bucket):
         return False
     if loc.scheme == "s3":
-        return prefix.path == "" or _path_under(loc.path, prefix.path, "/")
-    if not _path_under(loc.path, prefix.path, os.sep):
+        return prefix.path == "" or path_under(loc.path, prefix.path, "/")
+    if not path_under(loc.path, prefix.path, os.sep):
         return False
     if loc.path == prefix.path:
         return True
     # Resolve symlinks in the parent only: os.replace swaps the final name itself.
     real = os.path.join(os.path.realpath(os.path.dirname(loc.path)), os.path.basename(loc.path))
-    return _path_under(real, os.path.realpath(prefix.path), os.sep)
+    return path_under(real, os.path.realpath(prefix.path), os.sep)
 
 
-def _path_under(path: str, prefix: str, sep: str) -> bool:
+def path_under(path: str, prefix: str, sep: str) -> bool:
     # Compare whole segments: "/outside" must not count as under "/out".
     return path == prefix or path.startswith(prefix.rstrip(sep) + sep)
 

@@ -59,7 +59,7 @@ def scale_local(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]; workers get it too."),
 ) -> None:
     """Run `spotbatch worker` processes between --min and --max from the group's lag (KEDA + HPA rules)."""
-    from spotbatch.cli import _fail, _logging, _settings
+    from spotbatch.cli_common import fail as _fail, setup_logging as _logging, load_or_exit as _settings
 
     flags = dict(model=model, output=output, device=device, precision=precision, torch_threads=torch_threads,
                  max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, session_timeout_ms=session_timeout_ms,
@@ -109,7 +109,7 @@ def lag(
 
     Per partition: committed offset, true log end, lag; then the total, whether the
     trigger is active, and the replicas KEDA + the HPA would ask for."""
-    from spotbatch.cli import _fail, _settings
+    from spotbatch.cli_common import fail as _fail, load_or_exit as _settings
     from spotbatch.scaler.lag import LagError, LagOptions
 
     settings = _settings(config, kafka_bootstrap=bootstrap)
@@ -189,7 +189,7 @@ def serve(
     import signal
     import threading
 
-    from spotbatch.cli import _fail, _logging, _settings
+    from spotbatch.cli_common import fail as _fail, setup_logging as _logging, load_or_exit as _settings
     from spotbatch.scaler.service import LagSource
     from spotbatch.scaler.service import serve as start
 

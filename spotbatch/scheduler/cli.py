@@ -20,13 +20,13 @@ scheduler_app = typer.Typer(no_args_is_help=True, help="Hybrid spot/on-demand sc
 
 
 def _fail(message: str, code: int = 2) -> None:
-    from spotbatch.cli import _fail as fail  # the one format for CLI errors
+    from spotbatch.cli_common import fail  # the one format for CLI errors
 
     fail(message, code)
 
 
 def _print(renderable) -> None:
-    from spotbatch.cli import out
+    from spotbatch.cli_common import out
 
     out.print(renderable)
 
@@ -117,7 +117,7 @@ def report(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]."),
 ) -> None:
     """Cost per pool from the usage ledger and prices: GPU-hours, busy, $, $/1k rows, savings."""
-    from spotbatch.cli import _settings
+    from spotbatch.cli_common import load_or_exit as _settings
     from spotbatch.scheduler import report as rep
     from spotbatch.scheduler.ledger import LedgerError, Window, read_ledger
 
@@ -324,7 +324,7 @@ def plan(
         checkpoint_interval=checkpoint_interval, step=step, interruptions_per_month=interruptions_per_month,
         events_per_month=events_per_month, event_kill_fraction=event_kill_fraction, shortage=shortage,
         spot_capacity=spot_capacity, prices_file=prices_file, instance_type=instance_type, slo_drain=slo_drain)
-    from spotbatch.cli import err
+    from spotbatch.cli_common import err
 
     with Progress(console=err, disable=as_json, transient=True) as bar:
         task = bar.add_task("simulating candidates", total=None)
