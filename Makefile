@@ -6,9 +6,23 @@ PY := $(VENV)/bin/python
 # a bare `torch` requirement would pull a multi-GB CUDA build).
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test chaos bench clean proto
+.PHONY: setup demo test chaos bench clean proto prometheus-tools
 
 setup: $(VENV)/.installed
+
+# promtool and prometheus for the monitoring tests (tests/unit/test_monitoring.py,
+# tests/integration/test_monitoring_live.py): Debian's `prometheus` package, installed with
+# apt-get when missing and we are root (CI); otherwise say how, and those tests skip.
+prometheus-tools:
+	@if command -v promtool >/dev/null && command -v prometheus >/dev/null; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  export DEBIAN_FRONTEND=noninteractive; \
+	  apt-get install -y -q --no-install-recommends prometheus >/dev/null \
+	    || { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends prometheus >/dev/null; }; \
+	else \
+	  echo "promtool/prometheus not found: install Debian's prometheus package (sudo apt-get install -y prometheus);" \
+	       "the monitoring tests skip without it" >&2; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +34,7 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/spotbatch demo
 
-test: setup
+test: setup prometheus-tools
 	$(PY) -m pytest -q
 
 chaos: setup

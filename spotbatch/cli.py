@@ -11,7 +11,7 @@ from kafka import KafkaProducer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from spotbatch.cli_common import BootstrapOpt, ConfigOpt, err, out
+from spotbatch.cli_common import BootstrapOpt, ConfigOpt, err, out, polish_help
 from spotbatch.cli_common import fail as _fail
 from spotbatch.cli_common import load_or_exit as _settings
 from spotbatch.cli_common import setup_logging as _logging
@@ -24,24 +24,24 @@ def worker(
     bootstrap: Optional[str] = BootstrapOpt,
     topic: Optional[str] = typer.Option(None, help="Jobs topic [env SPOTBATCH_TOPIC]."),
     group: Optional[str] = typer.Option(None, help="Consumer group [env SPOTBATCH_GROUP]."),
-    model: Optional[str] = typer.Option(None, help="Model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH."),
-    output: Optional[str] = typer.Option(None, help="Output prefix: a folder or s3://bucket/prefix."),
+    model: Optional[str] = typer.Option(None, help="Model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH [env SPOTBATCH_MODEL]."),
+    output: Optional[str] = typer.Option(None, help="Output prefix: a folder or s3://bucket/prefix [env SPOTBATCH_OUTPUT]."),
     input_prefix: Optional[list[str]] = typer.Option(
         None, "--input-prefix", help="URI jobs may read only under this folder or s3://bucket/prefix/ "
         "(repeatable; env SPOTBATCH_INPUT_PREFIXES, comma-separated); none: URI jobs are refused."),
-    max_batch_rows: Optional[int] = typer.Option(None, help="Close a batch at this many rows."),
-    max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N."),
-    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16."),
-    torch_threads: Optional[int] = typer.Option(None, help="torch.set_num_threads for CPU inference."),
-    session_timeout_ms: Optional[int] = typer.Option(None, help="Kafka group session timeout."),
-    metrics_port: Optional[int] = typer.Option(None, help="Serve /metrics and /healthz here (0 = off)."),
-    drain_s: Optional[float] = typer.Option(None, help="Seconds to drain after a notice/SIGTERM before leaving the group."),
-    notice_source: Optional[str] = typer.Option(None, help="Spot notices: auto, aws, gcp, azure, signal, none."),
-    rebalance_hold_s: Optional[float] = typer.Option(None, help="After a rebalance recommendation, start no large job for this long."),
-    checkpoint_interval: Optional[str] = typer.Option(None, help="Part size of URI jobs: '5000rows', '60s' or 'auto'."),
-    checkpoint_uri: Optional[str] = typer.Option(None, help="Checkpoint store (default: <output>/_checkpoints)."),
-    max_attempts: Optional[int] = typer.Option(None, help="Attempts finishing no part before a job goes to the DLQ."),
+    max_batch_rows: Optional[int] = typer.Option(None, help="Close a batch at this many rows [env SPOTBATCH_MAX_BATCH_ROWS]."),
+    max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long [env SPOTBATCH_MAX_WAIT_MS]."),
+    device: Optional[str] = typer.Option(None, help="auto, cpu, cuda, cuda:N [env SPOTBATCH_DEVICE]."),
+    precision: Optional[str] = typer.Option(None, help="auto, fp32, bf16, fp16 [env SPOTBATCH_PRECISION]."),
+    torch_threads: Optional[int] = typer.Option(None, help="torch.set_num_threads for CPU inference [env SPOTBATCH_TORCH_THREADS]."),
+    session_timeout_ms: Optional[int] = typer.Option(None, help="Kafka group session timeout [env SPOTBATCH_SESSION_TIMEOUT_MS]."),
+    metrics_port: Optional[int] = typer.Option(None, help="Serve /metrics and /healthz here (0 = off) [env SPOTBATCH_METRICS_PORT]."),
+    drain_s: Optional[float] = typer.Option(None, help="Seconds to drain after a notice/SIGTERM before leaving the group [env SPOTBATCH_DRAIN_S]."),
+    notice_source: Optional[str] = typer.Option(None, help="Spot notices: auto, aws, gcp, azure, signal, none [env SPOTBATCH_NOTICE_SOURCE]."),
+    rebalance_hold_s: Optional[float] = typer.Option(None, help="After a rebalance recommendation, start no large job for this long [env SPOTBATCH_REBALANCE_HOLD_S]."),
+    checkpoint_interval: Optional[str] = typer.Option(None, help="Part size of URI jobs: '5000rows', '60s' or 'auto' [env SPOTBATCH_CHECKPOINT_INTERVAL]."),
+    checkpoint_uri: Optional[str] = typer.Option(None, help="Checkpoint store (default: <output>/_checkpoints) [env SPOTBATCH_CHECKPOINT_URI]."),
+    max_attempts: Optional[int] = typer.Option(None, help="Attempts finishing no part before a job goes to the DLQ [env SPOTBATCH_MAX_ATTEMPTS]."),
     burst: bool = typer.Option(False, "--burst", help="Exit 0 once caught up with the log end."),
     broker_wait_s: Optional[float] = typer.Option(None, help="Exit 1 once Kafka is unreachable this many seconds, "
                                                   "at start or mid-run (env SPOTBATCH_BROKER_WAIT_S; default 60)."),
@@ -86,6 +86,11 @@ def publish(
     settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic, model=model)
     if "://" not in file and not Path(file).is_file():
         _fail(f"input file {file} does not exist; pass a JSONL or Parquet file (or s3://...)")
+    if raw:  # the whole file is checked before anything connects or is sent
+        try:
+            pub.check_raw(_lines(file))
+        except (pub.PublishError, FileNotFoundError) as exc:
+            _fail(f"{exc}: fix the file and publish it again")
     try:
         producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, bootstrap_timeout_ms=5_000,
                                  **client_options(settings))
@@ -104,7 +109,8 @@ def publish(
                                         rows_per_job=rows_per_job, prefix=job_prefix or pub.job_prefix_for(file), output=output)
                 report = pub.publish_jobs(producer, settings.topic, jobs, tick)
     except (pub.PublishError, JobError, FileNotFoundError) as exc:
-        _fail(f"{exc} (jobs sent before this error keep their ids; fix the input and publish again)")
+        _fail(f"{exc}: fix the file and publish it again" if raw else
+              f"{exc} (jobs sent before this error keep their ids; fix the input and publish again)")
     finally:
         producer.close()
     summary = {"topic": settings.topic, "jobs": report.jobs, "rows": report.rows, "failed": report.failed}
@@ -146,21 +152,26 @@ def demo(
     lag_threshold: int = typer.Option(10, min=1, help="Jobs of lag per worker (KEDA lagThreshold)."),
     cooldown_s: float = typer.Option(3.0, min=0, help="Seconds without unconsumed jobs before scaling to zero."),
     partitions: int = typer.Option(4, min=1, help="Partitions of the demo jobs topic."),
-    output: str = typer.Option("./spotbatch-demo-output", help="Output folder (emptied first)."),
+    output: str = typer.Option("./spotbatch-demo-output", help="Output folder: made, or emptied first if it is empty or a previous demo's (else refused)."),
+    force: bool = typer.Option(False, "--force", help="Empty --output even if it holds files a demo did not write."),
     timeout_s: float = typer.Option(300.0, help="Give up after this long."),
     interruptions: int = typer.Option(0, min=0, help="Spot notices to send to random workers during the run."),
     seed: int = typer.Option(7, help="Seed for which worker gets each notice."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
 ) -> None:
     """Run the whole loop on this machine: broker, workers, jobs, Parquet outputs."""
-    from spotbatch.demo import DemoOptions, run_demo, summary_json
+    from spotbatch.demo import DemoOptions, OutputNotEmpty, prepare_output, run_demo, summary_json
 
     if min_workers > workers:
         _fail(f"--min-workers {min_workers} is above --workers {workers}; lower --min-workers or raise --workers")
     opts = DemoOptions(bootstrap=bootstrap, model=model, rows=rows, rows_per_job=rows_per_job, workers=workers,
                        min_workers=min_workers, lag_threshold=lag_threshold, cooldown_s=cooldown_s,
                        partitions=partitions, output=output, timeout_s=timeout_s, interruptions=interruptions,
-                       seed=seed)
+                       seed=seed, force=force)
+    try:
+        prepare_output(output, force=force)  # refuse before anything starts
+    except OutputNotEmpty as exc:
+        _fail(str(exc))
     jobs_total = -(-rows // rows_per_job)
     progress = Progress(TextColumn("[bold]jobs"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rows]} rows"),
                         TextColumn("{task.fields[rate]} rows/s"), TextColumn("failed {task.fields[failed]}"),
@@ -244,6 +255,7 @@ def _register_subcommands() -> None:
 
 
 _register_subcommands()
+polish_help(app)
 
 
 def main() -> None:

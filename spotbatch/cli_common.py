@@ -4,17 +4,24 @@ scheduler.cli) import from here, never from each other."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 import sys
+import time
+import typing
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperArgument, TyperCommand, TyperGroup
+from typer.models import ArgumentInfo, DefaultPlaceholder, OptionInfo
 
 from spotbatch.config import ConfigError, load_settings
 
-__all__ = ["err", "out", "BootstrapOpt", "ConfigOpt", "fail", "load_or_exit", "setup_logging"]
+__all__ = ["err", "out", "BootstrapOpt", "ConfigOpt", "fail", "load_or_exit", "setup_logging", "polish_help",
+           "ProgressLines"]
 
 err = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line in logs
 out = Console()
@@ -24,7 +31,8 @@ ConfigOpt = typer.Option(None, "--config", help="YAML settings file [env SPOTBAT
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[red]error:[/red] {message}", highlight=False)
+    """One line on stderr, as written (brackets in it are text, not rich markup), then exit."""
+    err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
 
 
@@ -49,3 +57,124 @@ def _kafka_one_line(record: logging.LogRecord) -> bool:
         record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", ()
         record.exc_info, record.exc_text = None, None
     return True
+
+
+# ---- help as users read it -----------------------------------------------------------------
+
+class _Command(TyperCommand):
+    """Usage lines as people write them (`spotbatch publish [OPTIONS] FILE`, not `{file}`);
+    no `<bool>` after --help, no `<str>` after an argument's name."""
+
+    def collect_usage_pieces(self, ctx):
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if isinstance(param, TyperArgument):
+                param.display_type_rich = lambda ctx: None  # the name column already says FILE
+        return params
+
+
+class _Group(TyperGroup):
+    """No `<bool>` after a command group's --help either."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+def _metavar(name: str, annotation: object, info: OptionInfo | ArgumentInfo) -> str:
+    """What to type, by the parameter's name and type: HOST:PORT, FILE, SECONDS, N, TOPIC..."""
+    args = typing.get_args(annotation)
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if typing.get_origin(base) is list:
+        base = typing.get_args(base)[0]
+    if base is bool:
+        return ""  # a flag takes no value
+    if name == "bootstrap":
+        return "HOST:PORT"
+    if base is Path:
+        return "DIR" if name.endswith("dir") else "FILE"
+    if name.endswith("_ms"):
+        return "MS"
+    if name.endswith("_s") or name.endswith("_seconds"):
+        return "SECONDS"
+    if name.endswith("port"):
+        return "PORT"
+    if base is int:
+        return "N"
+    if base is float:
+        return "NUMBER"
+    return name.upper()
+
+
+def _default(cls: object, base: type) -> bool:
+    """typer's own class (or a placeholder for it), which we may replace."""
+    return cls is None or cls is base or isinstance(cls, DefaultPlaceholder)
+
+
+def polish_help(app: typer.Typer) -> None:
+    """Make every command's --help say what it means: help text shown as written (typer
+    reads it as rich markup, so "[env SPOTBATCH_TOPIC]" vanished), a metavar that says what
+    to type instead of <str>/<bool>, and usage lines without braces. Call once, after every
+    command is registered."""
+    done: set[int] = set()
+
+    def walk(typer_app: typer.Typer) -> None:
+        if _default(typer_app.info.cls, TyperGroup):
+            typer_app.info.cls = _Group
+        for info in typer_app.registered_commands:
+            if _default(info.cls, TyperCommand):
+                info.cls = _Command
+            try:
+                hints = typing.get_type_hints(info.callback)
+            except Exception:  # noqa: BLE001 - an unresolvable annotation: metavars by name only
+                hints = {}
+            for name, param in inspect.signature(info.callback).parameters.items():
+                default = param.default
+                if not isinstance(default, (OptionInfo, ArgumentInfo)) or id(default) in done:
+                    continue
+                done.add(id(default))
+                if default.help:
+                    default.help = escape(default.help)
+                if default.metavar is None:
+                    default.metavar = _metavar(name, hints.get(name), default)
+        for group in typer_app.registered_groups:
+            if _default(group.cls, TyperGroup):
+                group.cls = _Group
+            walk(group.typer_instance)
+
+    walk(app)
+
+
+class ProgressLines:
+    """Progress for long work when stderr is not a terminal (a log, CI, `2> file`), where a
+    rich bar draws nothing: one plain line at the start, then at most one every
+    ``every_s``, and one at the end. On a terminal it stays silent (the bar shows)."""
+
+    def __init__(self, what: str, *, every_s: float = 10.0, console: Console | None = None,
+                 clock=time.monotonic) -> None:
+        self._console = console or err
+        self._what, self._every_s, self._clock = what, every_s, clock
+        self._t0 = self._last = clock()
+        self._on = not self._console.is_terminal
+        if self._on:
+            self._console.print(f"{what}: started", highlight=False, markup=False)
+
+    def update(self, done: int, total: int | None) -> None:
+        now = self._clock()
+        if not self._on or (now - self._last < self._every_s and done != total):
+            return
+        self._last = now
+        of = f"/{total} ({done / total:.0%})" if total else ""
+        self._console.print(f"{self._what}: {done}{of} done, {now - self._t0:.0f}s elapsed",
+                            highlight=False, markup=False)

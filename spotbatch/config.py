@@ -22,7 +22,9 @@ from pydantic_settings import (
     YamlConfigSettingsSource,
 )
 
-__all__ = ["Settings", "load_settings", "ConfigError"]
+__all__ = ["Settings", "load_settings", "ConfigError", "flag_for"]
+
+PENDING_BATCHES = 8  # the default backlog: enough closed batches to keep a fast model fed
 
 _yaml_path: ContextVar[str | None] = ContextVar("spotbatch_yaml_path", default=None)
 
@@ -64,7 +66,8 @@ class Settings(BaseSettings):
     max_batch_rows: int = Field(64, ge=1)
     max_wait_ms: int = Field(50, ge=0)
     # Rows accepted but not yet inferred; above this the worker pauses its partitions.
-    max_pending_rows: int = Field(512, ge=1)
+    # Unset: PENDING_BATCHES batches (at least 4096 rows), so a batch can always fill.
+    max_pending_rows: int | None = Field(None, ge=1)
 
     # Outputs: jobs may only write under this prefix (local folder or s3://bucket/prefix).
     output: str = "./spotbatch-output"
@@ -72,7 +75,10 @@ class Settings(BaseSettings):
     # Inputs: URI jobs may only read under these prefixes; none means URI jobs are refused.
     # Env SPOTBATCH_INPUT_PREFIXES is comma-separated; YAML takes a list.
     input_prefixes: Annotated[list[str], NoDecode] = []
-    max_input_bytes: int = Field(256 * 1024 * 1024, ge=1)  # one input file, read whole
+    # JSONL and Parquet inputs stream part by part at any size; these bound one job's cost.
+    max_line_bytes: int = Field(8 * 1024 * 1024, ge=1024)  # one JSONL record
+    max_document_bytes: int = Field(256 * 1024 * 1024, ge=1)  # a .json array, the one format read whole
+    input_read_timeout_s: float = Field(120.0, gt=0)  # one count or one part read; then input_timeout
 
     # Checkpoints (URI jobs run in parts; each durable part is checkpointed)
     checkpoint_uri: str | None = None  # default: <output>/_checkpoints
@@ -92,7 +98,7 @@ class Settings(BaseSettings):
     usage_topic: str = "spotbatch.usage"
 
     # Usage ledger (the scheduler's cost report); set per pool by the Deployment
-    pool: Literal["spot", "on-demand"] = "spot"
+    pool: Literal["spot", "on-demand", "unknown"] = "unknown"
     instance_type: str = "local"
     gpu_count: int = Field(0, ge=0)
     usage_interval_s: float = Field(60.0, gt=0)  # a usage record every N seconds, and one at exit
@@ -127,6 +133,17 @@ class Settings(BaseSettings):
             except ValueError as exc:
                 raise ValueError(f"input prefix {prefix!r}: {exc}; use a folder or s3://bucket/prefix/") from None
         return value
+
+    @model_validator(mode="after")
+    def _derive_pending(self) -> "Settings":
+        if self.max_pending_rows is None:
+            self.max_pending_rows = max(PENDING_BATCHES * self.max_batch_rows, 4096)
+        elif self.max_pending_rows < self.max_batch_rows:
+            # Below one batch, a batch never fills: every one closes on max_wait_ms.
+            raise ValueError(f"max_pending_rows ({self.max_pending_rows}) is below max_batch_rows "
+                             f"({self.max_batch_rows}), so no batch could fill; raise it or leave it unset "
+                             f"(derived: {PENDING_BATCHES} batches)")
+        return self
 
     @model_validator(mode="after")
     def _check_kafka_security(self) -> "Settings":
@@ -184,22 +201,31 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:
     try:
         return Settings(**{k: v for k, v in flags.items() if v is not None})
     except ValidationError as exc:
-        raise ConfigError(_one_line(exc)) from None
+        raise ConfigError(_one_line(exc, flags)) from None
     except (yaml.YAMLError, TypeError, ValueError) as exc:  # unparsable file, or not a mapping
         raise ConfigError(f"config file {path} is not a YAML mapping of settings: {str(exc).splitlines()[0]}") from None
     finally:
         _yaml_path.reset(token)
 
 
-_FLAGS = {"input_prefixes": "input-prefix"}  # list settings take one value per (repeated) flag
+# Flags whose name is not the setting's with dashes (list settings take one value per flag).
+_FLAGS = {"input_prefixes": "input-prefix", "kafka_bootstrap": "bootstrap"}
 
 
-def _one_line(exc: ValidationError) -> str:
+def flag_for(key: str) -> str:
+    """The CLI flag of setting ``key`` on the verbs that have one."""
+    return "--" + _FLAGS.get(key, key.replace("_", "-"))
+
+
+def _one_line(exc: ValidationError, flags: Any = ()) -> str:
+    """One line naming the setting and only the ways this verb can set it: its flag
+    (``flags``: the settings the verb has flags for), the env var, the YAML key."""
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
     if not key:  # a cross-field check: its message names the keys and the fix
         return str(err["msg"]).removeprefix("Value error, ")
     if err["type"] == "extra_forbidden":
         return f"unknown setting {key!r}; valid keys: {', '.join(sorted(Settings.model_fields))}"
-    flag = _FLAGS.get(key, key.replace("_", "-"))
-    return f"setting {key!r}: {err['msg']} (flag --{flag} or env SPOTBATCH_{key.upper()})"
+    ways = ([f"flag {flag_for(key)}"] if key in flags else []) + [f"env SPOTBATCH_{key.upper()}",
+                                                                  f"YAML key {key}"]
+    return f"setting {key!r}: {err['msg']} ({', '.join(ways[:-1])} or {ways[-1]})"

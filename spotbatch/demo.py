@@ -32,10 +32,10 @@ from spotbatch.publish import publish_jobs, rows_to_jobs
 from spotbatch.scaler.backlog import GroupBacklog
 from spotbatch.scaler.decide import ScalePolicy
 from spotbatch.scaler.local import LocalAutoscaler
-from spotbatch.scaler.procs import WorkerPool
+from spotbatch.scaler.procs import WorkerCrashLoop, WorkerPool
 from spotbatch.workers.streams import dlq_topic, results_topic
 
-__all__ = ["DemoOptions", "DemoSummary", "run_demo", "sample_corpus"]
+__all__ = ["DemoOptions", "DemoSummary", "OutputNotEmpty", "prepare_output", "run_demo", "sample_corpus"]
 
 _SUBJECTS = ["The spot fleet", "A GPU worker", "The scheduler", "Our pipeline", "The consumer group",
              "A preempted node", "The batch job", "An on-demand replica", "The embedding model", "KEDA"]
@@ -62,6 +62,7 @@ class DemoOptions:
     torch_threads: int = 1
     interruptions: int = 0  # spot notices sent to random workers during the run
     seed: int = 7
+    force: bool = False  # empty ``output`` even if it holds something a demo did not write
 
 
 @dataclass
@@ -75,7 +76,8 @@ class DemoSummary:
     output: str
     workers: int
     model: str
-    interruptions: int = 0
+    interruptions: int = 0  # notices that interrupted a worker (its drain record says so)
+    notices_sent: int = 0  # of the --interruptions asked; fewer if the jobs ran out first
     rows_recomputed: int = 0
     max_drain_s: float = 0.0
     max_replicas: int = 0
@@ -95,10 +97,54 @@ def sample_corpus(n: int, seed: int = 7) -> Iterator[dict]:
 OnProgress = Callable[[int, int, int, int], None]
 
 
+MARKER = ".spotbatch-demo-output"  # under logs/ of every folder a demo wrote: it may empty it next time
+
+
+class OutputNotEmpty(ValueError):
+    """The demo's output folder holds something a demo did not write."""
+
+
+def _demo_entry(name: str) -> bool:
+    """What a demo writes at the top of its output: job files, logs, checkpoints, temp files."""
+    return (name == "logs" or name.startswith(("demo-", "_", "."))) and name != ".git"
+
+
+def prepare_output(folder: str | Path, *, force: bool = False) -> Path:
+    """An empty output folder, made or emptied, with the demo's marker in it.
+
+    A folder that exists is emptied only if it is empty, or it is a previous demo's output
+    (the marker is there and nothing else a demo would not write), or ``force``. The working
+    directory, a folder above it, the home folder and ``/`` are never emptied."""
+    output = Path(folder).expanduser().resolve()
+    if output.exists() and not output.is_dir():
+        raise OutputNotEmpty(f"--output {folder} is a file, not a folder; choose a new or empty folder")
+    cwd, home = Path.cwd().resolve(), Path.home().resolve()
+    if output.is_dir() and any(output.iterdir()):
+        where = ("the working directory" if output == cwd else "a folder above the working directory"
+                 if output in cwd.parents else "your home folder" if output == home else None)
+        if where:
+            raise OutputNotEmpty(f"--output {folder} is {where} ({output}), and the demo empties its output first: "
+                                 "name a new folder, e.g. --output ./spotbatch-demo-output (--force does not "
+                                 "change this)")
+        strangers = sorted(e.name for e in output.iterdir() if not _demo_entry(e.name))
+        if not force and (not (output / "logs" / MARKER).exists() or strangers):
+            n = len(strangers)
+            what = f"{n} {'entry' if n == 1 else 'entries'} a demo did not write (e.g. {strangers[0]})" if n else \
+                "files, and no mark of a previous demo"
+            raise OutputNotEmpty(f"--output {folder} holds {what}; the demo empties its output first: choose a "
+                                 "new or empty folder, or add --force to empty this one")
+        for entry in output.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    (output / "logs").mkdir(parents=True, exist_ok=True)
+    (output / "logs" / MARKER).write_text("written by `spotbatch demo`: a later demo may empty this folder\n")
+    return output
+
+
 def run_demo(opts: DemoOptions, on_progress: OnProgress | None = None, log=print) -> DemoSummary:
-    output = Path(opts.output).resolve()
-    shutil.rmtree(output, ignore_errors=True)
-    (output / "logs").mkdir(parents=True)
+    output = prepare_output(opts.output, force=opts.force)
     topic, group = f"spotbatch.demo.{int(time.time())}", "spotbatch-demo"
     usage = f"{topic}.usage"
     with start_or_external(opts.bootstrap) as broker:
@@ -115,6 +161,8 @@ def run_demo(opts: DemoOptions, on_progress: OnProgress | None = None, log=print
             if opts.min_workers == 0:
                 log(f"all {jobs} jobs done; scaling to zero after {opts.cooldown_s:g}s without unconsumed jobs")
                 fleet.settle(started + opts.timeout_s, lambda n: on_progress(jobs, done_rows, failed, n) if on_progress else None)
+        except WorkerCrashLoop as exc:  # say what the worker said, not only that it died
+            raise RuntimeError(fleet.why_exited(exc)) from None
         finally:
             fleet.stop()
         dlq = len(read_all(broker.bootstrap, dlq_topic(topic), timeout_s=30))
@@ -124,6 +172,7 @@ def run_demo(opts: DemoOptions, on_progress: OnProgress | None = None, log=print
     return DemoSummary(jobs=jobs, rows=done_rows, failed=failed, dlq=dlq, seconds=round(seconds, 2),
                        rows_per_s=round(done_rows / seconds, 1) if seconds else 0.0, output=str(output),
                        workers=opts.workers, model=opts.model, interruptions=len(spot),
+                       notices_sent=fleet.notices_sent,
                        rows_recomputed=sum(d["rows_lost"] for d in spot),
                        max_drain_s=max((d["drain_s"] for d in spot), default=0.0), cost=cost,
                        max_replicas=fleet.scaler.max_replicas, scale_events=fleet.scale_events())
@@ -153,6 +202,7 @@ class _Fleet:
         self._fakes: dict[int, FakeAws] = {}
         self._next_poll = 0.0
         self.notices_sent = 0
+        self._noticed: set[int] = set()  # workers that got a notice (they drain, then exit)
         self._observe = GroupBacklog(bootstrap, group, topic, lag_threshold=opts.lag_threshold)
         policy = ScalePolicy(min_replicas=opts.min_workers, max_replicas=opts.workers,
                              lag_threshold=opts.lag_threshold, cooldown_s=opts.cooldown_s)
@@ -187,12 +237,19 @@ class _Fleet:
     def replicas(self) -> int:
         return len(self.scaler.pool.running)
 
-    def interrupt_one(self) -> None:
-        """A spot notice (2 minutes' warning, as AWS gives) to a random running worker."""
-        live = [slot.index for slot in self.scaler.pool.running if slot.index in self._fakes]
-        if live:
-            self._fakes[self._rng.choice(live)].notice(action="terminate", in_s=120)
-            self.notices_sent += 1
+    def interrupt_one(self) -> bool:
+        """A spot notice (2 minutes' warning, as AWS gives) to a random running worker that
+        has had none: one already draining would count a notice that interrupts nobody.
+        False (nothing sent) while every running worker has had one."""
+        live = [slot.index for slot in self.scaler.pool.running
+                if slot.index in self._fakes and slot.index not in self._noticed]
+        if not live:
+            return False
+        index = self._rng.choice(live)
+        self._fakes[index].notice(action="terminate", in_s=120)
+        self._noticed.add(index)
+        self.notices_sent += 1
+        return True
 
     def supervise(self) -> None:
         """One autoscaler poll when one is due: scale from lag, replace drained workers."""
@@ -206,6 +263,20 @@ class _Fleet:
             self.supervise()
             on_replicas(self.replicas)
             time.sleep(0.1)
+
+    def why_exited(self, exc: Exception) -> str:
+        """The error line the last worker that died printed, with its log's path."""
+        exits = [e for e in self.scaler.events if e.event == "exited" and e.returncode]
+        if not exits or not exits[-1].workers:
+            return str(exc)
+        path = self._args[5] / "logs" / f"worker-{exits[-1].workers[0]}.log"
+        try:
+            lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
+        except OSError:
+            return str(exc)
+        said = next((ln for ln in reversed(lines) if ln.startswith("error:")), None) or \
+            next((ln for ln in reversed(lines) if "Error" in ln or "error" in ln), lines[-1] if lines else "")
+        return f"a worker exited {exits[-1].returncode}: {said.removeprefix('error: ')} (log: {path})"
 
     def scale_events(self) -> list[dict]:
         return [{"t_s": e.t_s, "event": e.event, "from": e.replicas_from, "to": e.replicas_to, "lag": e.lag,

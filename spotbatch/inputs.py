@@ -1,4 +1,13 @@
-"""Read a job's input rows from Parquet or JSONL, on a local path or S3.
+"""Read a job's input rows from Parquet or JSONL, on a local path or S3, part by part.
+
+An input of any size is read in bounded memory. Rows are counted without being built
+(the Parquet footer; one streaming pass over JSONL lines), then read in order, one
+part at a time, as the worker has room: Parquet record batch by record batch, only the
+two needed columns; JSONL line by line, each line at most ``max_line_bytes``. Only a
+``.json`` file holding one JSON array is read whole, up to ``max_document_bytes``.
+S3 objects are read through ranged GETs (spotbatch.s3_range), never downloaded whole.
+A count or a part read that takes over ``read_timeout_s`` fails its job
+(``input_timeout``), not the worker.
 
 Every failure a user can fix becomes a JobError with a reason that names the file and,
 for a missing column, the column asked for and the columns present. Infrastructure
@@ -8,11 +17,12 @@ retries the job instead of dead-lettering it.
 
 from __future__ import annotations
 
-import io
 import json
-import os
+import time
+from abc import ABC, abstractmethod
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 import botocore.exceptions
 import pyarrow as pa
@@ -22,13 +32,21 @@ from spotbatch.errors import JobError
 from spotbatch.input_access import open_regular
 from spotbatch.storage import is_transient, parse_uri, store_for
 
-__all__ = ["read_rows", "iter_rows", "input_format", "DEFAULT_MAX_INPUT_BYTES"]
-
-# Inputs are read whole for now, so a size limit is what keeps one job from taking the
-# worker's memory; bigger inputs are split into several jobs.
-DEFAULT_MAX_INPUT_BYTES = 256 * 1024 * 1024
+__all__ = ["InputLimits", "RowReader", "open_input", "read_rows", "count_rows", "iter_rows", "input_format"]
 
 _FORMATS = {".parquet": "parquet", ".pq": "parquet", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+_CHUNK = 4 * 1024 * 1024  # bytes per read while counting JSONL lines
+_BATCH_ROWS = 1024  # Parquet rows decoded at a time
+_CHECK_EVERY = 1024  # rows between deadline checks
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    """What one job's input may cost a worker (Settings: max_line_bytes, ...)."""
+
+    max_line_bytes: int = 8 * 1024 * 1024  # one JSONL record
+    max_document_bytes: int = 256 * 1024 * 1024  # a .json array, the one format read whole
+    read_timeout_s: float = 120.0  # one count or one part read
 
 
 def input_format(uri: str) -> str:
@@ -39,87 +57,283 @@ def input_format(uri: str) -> str:
     raise JobError("input_invalid", f"{uri}: unknown input format; use one of {', '.join(_FORMATS)}")
 
 
-def read_rows(uri: str, id_column: str = "id", input_column: str = "text", *,
-              max_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> tuple[list[str], list]:
-    """Return (ids as str, inputs) from ``uri``, reading only the two needed columns.
+class RowReader(ABC):
+    """One job's input: ``count()`` its rows, then ``read(start, stop)`` parts in order.
 
-    ``uri`` must already have passed the worker's InputPolicy.
+    Reads are sequential (each part starts at or after the last one's end); reading
+    backwards starts over from the top. Not thread-safe: one read at a time.
     """
+
+    def __init__(self, uri: str, fh: BinaryIO, id_column: str, input_column: str, limits: InputLimits) -> None:
+        self.uri, self._fh, self._limits = uri, fh, limits
+        self._columns = (id_column, input_column)
+
+    @abstractmethod
+    def count(self) -> int:
+        """Rows in the input."""
+
+    @abstractmethod
+    def read(self, start: int, stop: int) -> tuple[list[str], list]:
+        """(ids as str, inputs) of rows [start, stop)."""
+
+    @abstractmethod
+    def rows(self) -> Iterator[dict]:
+        """Every row from the top, with all its columns (the CLI's publish --raw)."""
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "RowReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _deadline(self, doing: str) -> "_Deadline":
+        return _Deadline(self.uri, doing, self._limits.read_timeout_s)
+
+    def _take(self, row: dict, n: int, ids: list[str], values: list) -> None:
+        id_column, input_column = self._columns
+        _require(self.uri, row.keys(), self._columns, where=f" (record {n})")
+        ids.append(_id_str(self.uri, row[id_column], n))
+        values.append(row[input_column])
+
+
+def open_input(uri: str, id_column: str = "id", input_column: str = "text",
+               limits: InputLimits = InputLimits()) -> RowReader:
+    """Open ``uri`` for reading part by part. ``uri`` must already have passed the
+    worker's InputPolicy."""
     fmt = input_format(uri)
-    data = _read(uri, max_bytes)
-    if fmt == "parquet":
-        return _parquet_rows(uri, data, id_column, input_column)
-    ids, inputs = [], []
-    for n, row in _json_rows(uri, io.BytesIO(data), fmt):
-        _require(uri, row.keys(), (id_column, input_column), where=f" (record {n})")
-        ids.append(_id_str(uri, row[id_column], n))
-        inputs.append(row[input_column])
-    return ids, inputs
-
-
-def iter_rows(path: str) -> Iterator[dict]:
-    """Yield each row of a JSONL/Parquet file as a dict, streaming.
-
-    Local files are read incrementally; S3 objects are fetched once into memory and
-    parsed from that buffer (Parquet row group by row group), never copied whole
-    into a second form.
-    """
-    fmt = input_format(path)
-    loc = _parse(path)
-    if loc.scheme == "file":
-        yield from _iter_local(path, loc.path, fmt)
-        return
-    data = _read(path, DEFAULT_MAX_INPUT_BYTES)
-    if fmt == "parquet":
-        yield from _parquet_dicts(path, pa.BufferReader(data))
-    else:
-        yield from (row for _, row in _json_rows(path, io.BytesIO(data), fmt))
-
-
-def _iter_local(uri: str, local_path: str, fmt: str) -> Iterator[dict]:
-    with open_regular(local_path) as fh:
-        if fmt == "parquet":
-            yield from _parquet_dicts(uri, fh)
-        else:
-            yield from (row for _, row in _json_rows(uri, fh, fmt))
-
-
-def _parse(uri: str):
+    fh = _open(uri)
     try:
-        return parse_uri(uri)
+        if fmt == "parquet":
+            return _ParquetReader(uri, fh, id_column, input_column, limits)
+        if fmt == "json" and _starts_array(fh, limits.max_line_bytes):
+            return _DocumentReader(uri, fh, id_column, input_column, limits)
+        return _JsonlReader(uri, fh, id_column, input_column, limits)
+    except BaseException:
+        fh.close()
+        raise
+
+
+def read_rows(uri: str, id_column: str = "id", input_column: str = "text",
+              limits: InputLimits = InputLimits()) -> tuple[list[str], list]:
+    """Every row at once: for small inputs (tests, the CLI); the worker reads by part."""
+    with open_input(uri, id_column, input_column, limits) as reader:
+        return reader.read(0, reader.count())
+
+
+def count_rows(uri: str, limits: InputLimits = InputLimits()) -> int:
+    """Rows in ``uri`` without building them (the scaler's work mode)."""
+    with open_input(uri, limits=limits) as reader:
+        return reader.count()
+
+
+class _ParquetReader(RowReader):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._pf = _open_parquet(self.uri, self._fh)
+        self._batches: Iterator[pa.RecordBatch] | None = None
+        self._row = 0  # the first row of self._rest, or of the next batch
+        self._rest: pa.RecordBatch | None = None  # rows of the last batch not read yet
+
+    def count(self) -> int:
+        return self._pf.metadata.num_rows  # the footer: nothing else is read
+
+    def read(self, start: int, stop: int) -> tuple[list[str], list]:
+        _require(self.uri, self._pf.schema_arrow.names, self._columns)
+        if self._batches is None or start < self._row:
+            self._start_at(start)
+        deadline, ids, values = self._deadline("reading a part"), [], []
+        while self._row < stop:
+            batch = self._rest if self._rest is not None else self._next_batch()
+            if batch is None:
+                break
+            lo, hi = max(0, start - self._row), min(batch.num_rows, stop - self._row)
+            self._rest = batch.slice(hi) if hi < batch.num_rows else None
+            self._append(batch.slice(lo, max(0, hi - lo)), self._row + lo, ids, values)
+            self._row += hi
+            deadline.check()
+        _check_complete(self.uri, start, stop, len(ids))
+        return ids, values
+
+    def _start_at(self, start: int) -> None:
+        """Begin at the row group holding ``start``: earlier groups are skipped unread."""
+        meta, first, groups = self._pf.metadata, 0, []
+        for g in range(meta.num_row_groups):
+            rows = meta.row_group(g).num_rows
+            if not groups and first + rows <= start:
+                first += rows
+                continue
+            groups.append(g)
+        self._batches = self._pf.iter_batches(batch_size=_BATCH_ROWS, row_groups=groups,
+                                              columns=list(dict.fromkeys(self._columns)), use_threads=False)
+        self._row, self._rest = first, None
+
+    def rows(self) -> Iterator[dict]:
+        try:
+            for batch in self._pf.iter_batches(batch_size=_BATCH_ROWS):
+                yield from batch.to_pylist()
+        except (pa.ArrowException, OSError) as exc:
+            raise JobError("input_invalid", f"{self.uri}: cannot read Parquet rows ({exc})") from None
+
+    def _next_batch(self) -> pa.RecordBatch | None:
+        try:
+            return next(self._batches, None)
+        except (pa.ArrowException, OSError) as exc:
+            raise JobError("input_invalid", f"{self.uri}: cannot read Parquet rows ({exc})") from None
+
+    def _append(self, batch: pa.RecordBatch, first_row: int, ids: list[str], values: list) -> None:
+        id_column, input_column = self._columns
+        raw_ids = batch.column(id_column).to_pylist()
+        ids.extend(_id_str(self.uri, v, first_row + n) for n, v in enumerate(raw_ids, 1))
+        values.extend(batch.column(input_column).to_pylist())
+
+
+class _JsonlReader(RowReader):
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        self._line = 0  # lines consumed
+        self._row = 0  # records (non-blank lines) consumed
+
+    def count(self) -> int:
+        deadline, n, carry = self._deadline("counting rows"), 0, b""
+        self._rewind()
+        while chunk := self._fh.read(_CHUNK):
+            lines = (carry + chunk).split(b"\n")
+            carry = lines.pop()
+            self._check_length(max(map(len, lines), default=0), len(carry))
+            n += sum(1 for line in lines if line.strip())
+            deadline.check()
+        n += bool(carry.strip())
+        self._rewind()
+        return n
+
+    def read(self, start: int, stop: int) -> tuple[list[str], list]:
+        if start < self._row:
+            self._rewind()
+        deadline, ids, values = self._deadline("reading a part"), [], []
+        while self._row < stop and (line := self._next_record()) is not None:
+            self._row += 1
+            if self._row > start:  # skipped records (parts done before) are not parsed
+                obj = _as_object(self.uri, _json_value(self.uri, line, self._line), self._row)
+                self._take(obj, self._row, ids, values)
+            if self._row % _CHECK_EVERY == 0:
+                deadline.check()
+        _check_complete(self.uri, start, stop, len(ids))
+        return ids, values
+
+    def rows(self) -> Iterator[dict]:
+        self._rewind()
+        while (line := self._next_record()) is not None:
+            self._row += 1
+            yield _as_object(self.uri, _json_value(self.uri, line, self._line), self._row)
+
+    def _next_record(self) -> bytes | None:
+        """The next non-blank line, at most max_line_bytes; None at the end."""
+        limit = self._limits.max_line_bytes
+        while line := self._fh.readline(limit + 1):
+            self._line += 1
+            if len(line) > limit and not line.endswith(b"\n"):
+                self._check_length(len(line), 0)
+            if line.strip():
+                return line
+        return None
+
+    def _check_length(self, longest: int, unfinished: int) -> None:
+        limit = self._limits.max_line_bytes
+        if max(longest, unfinished) > limit:
+            raise JobError("input_too_large", f"{self.uri}: a line is longer than max_line_bytes ({limit}); "
+                           "one JSON object per line, or raise the limit")
+
+    def _rewind(self) -> None:
+        self._fh.seek(0)
+        self._line = self._row = 0
+
+
+class _DocumentReader(RowReader):
+    """A .json file holding one array of objects: parsed whole, within max_document_bytes."""
+
+    def __init__(self, *args: Any) -> None:
+        super().__init__(*args)
+        limit = self._limits.max_document_bytes
+        data = self._fh.read(limit + 1)
+        if len(data) > limit:
+            raise JobError("input_too_large", f"{self.uri}: a JSON array over max_document_bytes ({limit}); "
+                           "write the rows as JSONL (one object per line) to stream them")
+        try:
+            items = json.loads(data)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            raise JobError("input_invalid", f"{self.uri}: not valid JSON ({type(exc).__name__})") from None
+        self._items = [_as_object(self.uri, v, n) for n, v in enumerate(items, 1)]
+
+    def count(self) -> int:
+        return len(self._items)
+
+    def read(self, start: int, stop: int) -> tuple[list[str], list]:
+        ids, values = [], []
+        for n, row in enumerate(self._items[start:stop], start + 1):
+            self._take(row, n, ids, values)
+        _check_complete(self.uri, start, stop, len(ids))
+        return ids, values
+
+    def rows(self) -> Iterator[dict]:
+        return iter(self._items)
+
+
+class _Deadline:
+    def __init__(self, uri: str, doing: str, timeout_s: float) -> None:
+        self._uri, self._doing, self._timeout_s = uri, doing, timeout_s
+        self._at = time.monotonic() + timeout_s
+
+    def check(self) -> None:
+        if time.monotonic() > self._at:
+            raise JobError("input_timeout", f"{self._uri}: {self._doing} took over {self._timeout_s:g}s "
+                           "(input_read_timeout_s); the source is too slow")
+
+
+def iter_rows(path: str, limits: InputLimits = InputLimits()) -> Iterator[dict]:
+    """Yield each row of a JSONL/JSON/Parquet file as a dict with all its columns, streaming."""
+    with open_input(path, limits=limits) as reader:
+        yield from reader.rows()
+
+
+def _open(uri: str) -> BinaryIO:
+    """A seekable binary reader: a regular local file, or an S3 object by ranged GETs."""
+    try:
+        loc = parse_uri(uri)
     except ValueError as exc:
         raise JobError("input_invalid", str(exc)) from None
-
-
-def _read(uri: str, max_bytes: int) -> bytes:
-    loc = _parse(uri)
     if loc.scheme == "file":
-        with open_regular(loc.path) as fh:
-            return _read_bounded(uri, fh, max_bytes)
+        return open_regular(loc.path)
     try:
-        data = store_for(uri).read_bytes(uri)
+        return store_for(uri).open_read(uri, refused=lambda exc: _s3_refusal(uri, exc))
     except FileNotFoundError as exc:
         raise JobError("input_missing", f"{uri}: no such file or object") from exc
     except botocore.exceptions.ClientError as exc:
-        if is_transient(exc):  # S3 itself is in trouble: an infrastructure fault, retried
-            raise
-        code = exc.response.get("Error", {}).get("Code", "error")
-        raise JobError("input_unreadable", f"{uri}: S3 refused the read ({code})") from None
-    _check_size(uri, len(data), max_bytes)
-    return data
+        raise _s3_refusal(uri, exc) from None
 
 
-def _read_bounded(uri: str, fh: BinaryIO, max_bytes: int) -> bytes:
-    _check_size(uri, os.fstat(fh.fileno()).st_size, max_bytes)
-    data = fh.read(max_bytes + 1)  # the file may grow after the fstat
-    _check_size(uri, len(data), max_bytes)
-    return data
+def _s3_refusal(uri: str, exc: botocore.exceptions.ClientError) -> Exception:
+    if is_transient(exc):  # S3 itself is in trouble: an infrastructure fault, retried
+        return exc
+    code = exc.response.get("Error", {}).get("Code", "error")
+    if code == "PreconditionFailed":  # the ETag seen at open no longer matches
+        return JobError("input_unreadable", f"{uri}: the object was replaced while the job read it")
+    return JobError("input_unreadable", f"{uri}: S3 refused the read ({code})")
 
 
-def _check_size(uri: str, size: int, max_bytes: int) -> None:
-    if size > max_bytes:
-        raise JobError("input_too_large",
-                       f"{uri}: {size} bytes, over this worker's max_input_bytes ({max_bytes}); split the input")
+def _starts_array(fh: BinaryIO, limit: int) -> bool:
+    """Whether the file's first non-blank byte is "[" (looks at most ``limit`` bytes)."""
+    head = fh.read(min(limit, 64 * 1024)).lstrip()
+    fh.seek(0)
+    return head.startswith(b"[")
+
+
+def _check_complete(uri: str, start: int, stop: int, got: int) -> None:
+    if got < stop - start:
+        raise JobError("input_invalid", f"{uri}: ended after {start + got} rows, {stop} expected; "
+                       "was it changed while the job ran?")
 
 
 def _require(uri: str, present: Iterable[str], needed: Iterable[str], where: str = "") -> None:
@@ -141,66 +355,20 @@ def _id_str(uri: str, value, n: int) -> str:
 
 def _open_parquet(uri: str, source) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(source)
+        # buffer_size: column chunks are streamed page by page, never read whole.
+        return pq.ParquetFile(source, buffer_size=1024 * 1024, pre_buffer=False)
     except (pa.ArrowException, OSError) as exc:
         raise JobError("input_invalid", f"{uri}: not a readable Parquet file ({exc})") from None
-
-
-def _parquet_rows(uri: str, data: bytes, id_column: str, input_column: str) -> tuple[list[str], list]:
-    pf = _open_parquet(uri, pa.BufferReader(data))
-    _require(uri, pf.schema_arrow.names, (id_column, input_column))
-    try:
-        table = pf.read(columns=[id_column, input_column])
-    except (pa.ArrowException, OSError) as exc:
-        raise JobError("input_invalid", f"{uri}: cannot read Parquet columns ({exc})") from None
-    raw_ids = table.column(id_column).to_pylist()
-    ids = [_id_str(uri, v, n) for n, v in enumerate(raw_ids, 1)]
-    return ids, table.column(input_column).to_pylist()
-
-
-def _parquet_dicts(uri: str, source) -> Iterator[dict]:
-    pf = _open_parquet(uri, source)
-    try:
-        for group in range(pf.num_row_groups):
-            yield from pf.read_row_group(group).to_pylist()
-    except (pa.ArrowException, OSError) as exc:
-        raise JobError("input_invalid", f"{uri}: cannot read Parquet rows ({exc})") from None
-
-
-def _json_rows(uri: str, fh: BinaryIO, fmt: str) -> Iterator[tuple[int, dict]]:
-    """Yield (record number, object). JSONL streams line by line; a ".json" file may
-    instead be one JSON document (an array of objects, or a single object)."""
-    if fmt == "json":
-        data = fh.read()
-        doc = _whole_document(data)
-        if doc is not None:
-            items = doc if isinstance(doc, list) else [doc]
-            yield from ((n, _as_object(uri, v, n)) for n, v in enumerate(items, 1))
-            return
-        fh = io.BytesIO(data)  # not one document: read it as JSONL below
-    n = 0
-    for lineno, line in enumerate(fh, 1):
-        if line.strip():
-            n += 1
-            yield n, _as_object(uri, _json_value(uri, line, lineno), n)
-
-
-def _whole_document(data: bytes):
-    try:
-        return json.loads(data)
-    except (UnicodeDecodeError, ValueError):
-        return None
 
 
 def _json_value(uri: str, line: bytes, lineno: int):
     try:
         return json.loads(line)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise JobError("input_invalid", f"{uri}: line {lineno} is not valid JSON ({exc})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise JobError("input_invalid", f"{uri}: line {lineno} is not valid JSON ({type(exc).__name__})") from None
 
 
 def _as_object(uri: str, value, n: int) -> dict:
     if not isinstance(value, dict):
         raise JobError("input_invalid", f"{uri}: record {n} is {type(value).__name__}, not a JSON object")
     return value
-

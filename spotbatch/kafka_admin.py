@@ -32,6 +32,10 @@ __all__ = [
 ]
 
 _REQUEST_TIMEOUT_MS = 10_000
+# A wrong bootstrap fails in seconds, not kafka-python's 30 s per client (a command that
+# opens an admin client and a reader took a minute to say "cannot reach Kafka").
+# Callers' client_options may set their own.
+_BOOTSTRAP_TIMEOUT_MS = 5_000
 _POLL_MS = 100
 # The offset reader fetches only for the high watermark: a broker that has nothing new
 # holds an empty fetch this long, so keep it short.
@@ -94,13 +98,13 @@ class OffsetReader:
         self._lock = threading.Lock()
         self._seen_ends: dict[TopicPartition, int] = {}  # last high watermarks, see _true_log_ends
         self._admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="spotbatch-offsets",
-                                       request_timeout_ms=_REQUEST_TIMEOUT_MS, **(client_options or {}))
+                                       request_timeout_ms=_REQUEST_TIMEOUT_MS, **_options(client_options))
         self._consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="spotbatch-offsets",
                                        group_id=None, enable_auto_commit=False,
                                        auto_offset_reset="earliest", fetch_max_wait_ms=_OFFSETS_FETCH_WAIT_MS,
                                        # partitions added to a topic count within 30 s, not kafka-python's 5 min
                                        metadata_max_age_ms=30_000,
-                                       request_timeout_ms=_REQUEST_TIMEOUT_MS, **(client_options or {}))
+                                       request_timeout_ms=_REQUEST_TIMEOUT_MS, **_options(client_options))
 
     def group_committed(self, group: str) -> dict[tuple[str, int], int]:
         """{(topic, partition): committed offset} over every topic; -1 where none."""
@@ -195,10 +199,14 @@ def _offsets_at(consumer: KafkaConsumer, tps: list[TopicPartition], since_ms: in
             if answer is not None and answer.offset >= 0 and answer.timestamp >= since_ms}
 
 
+def _options(client_options: Mapping | None) -> dict:
+    return {"bootstrap_timeout_ms": _BOOTSTRAP_TIMEOUT_MS, **(client_options or {})}
+
+
 @contextmanager
 def _admin(bootstrap: str, client_options: Mapping | None = None) -> Iterator[KafkaAdminClient]:
     admin = KafkaAdminClient(bootstrap_servers=bootstrap, client_id="spotbatch-admin",
-                             request_timeout_ms=_REQUEST_TIMEOUT_MS, **(client_options or {}))
+                             request_timeout_ms=_REQUEST_TIMEOUT_MS, **_options(client_options))
     try:
         yield admin
     finally:
@@ -211,7 +219,7 @@ def _reader(bootstrap: str, client_options: Mapping | None = None) -> Iterator[K
     consumer = KafkaConsumer(bootstrap_servers=bootstrap, client_id="spotbatch-reader",
                              group_id=None, enable_auto_commit=False,
                              auto_offset_reset="earliest", fetch_max_wait_ms=_POLL_MS,
-                             request_timeout_ms=_REQUEST_TIMEOUT_MS, **(client_options or {}))
+                             request_timeout_ms=_REQUEST_TIMEOUT_MS, **_options(client_options))
     try:
         yield consumer
     finally:

@@ -17,7 +17,7 @@ from kafka import KafkaProducer
 from spotbatch.errors import JobError
 from spotbatch.jobs import Job, job_key, parse_job
 
-__all__ = ["PublishReport", "PublishError", "publish_jobs", "publish_raw", "rows_to_jobs", "job_prefix_for"]
+__all__ = ["PublishReport", "PublishError", "publish_jobs", "publish_raw", "check_raw", "rows_to_jobs", "job_prefix_for"]
 
 Progress = Callable[[int, int], None]  # (jobs sent, rows sent)
 
@@ -80,19 +80,28 @@ def publish_jobs(producer: KafkaProducer, topic: str, jobs: Iterable[Job], progr
 
 
 def publish_raw(producer: KafkaProducer, topic: str, lines: Iterable[bytes], progress: Progress | None = None) -> PublishReport:
-    """Send job JSON lines as they are, after checking each parses as a job."""
+    """Send job JSON lines as they are, once every line parses as a job: a bad line
+    anywhere sends nothing (PublishError names it and counts the others)."""
+    return _send_all(producer, topic, check_raw(lines), progress)
 
-    def checked() -> Iterator[tuple[bytes, bytes, int]]:
-        for i, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                job = parse_job(line.strip())
-            except JobError as err:
-                raise PublishError(f"line {i}: {err}") from None
-            yield job_key(job.job_id), line.strip(), _rows(job)
 
-    return _send_all(producer, topic, checked(), progress)
+def check_raw(lines: Iterable[bytes]) -> list[tuple[bytes, bytes, int]]:
+    """(key, value, rows) of every job line; PublishError naming the first bad line (and
+    how many more) if any line is not a valid job. Callers may check before connecting."""
+    items, bad = [], []
+    for i, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            job = parse_job(line.strip())
+        except JobError as err:
+            bad.append(f"line {i}: {err}")
+            continue
+        items.append((job_key(job.job_id), line.strip(), _rows(job)))
+    if bad:
+        more = f" (and {len(bad) - 1} more bad line{'s' if len(bad) > 2 else ''})" if len(bad) > 1 else ""
+        raise PublishError(f"{bad[0]}{more}; nothing was sent")
+    return items
 
 
 def _rows(job: Job) -> int:

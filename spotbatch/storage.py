@@ -16,7 +16,7 @@ import re
 import tempfile
 import threading
 from dataclasses import dataclass
-from typing import Protocol
+from typing import BinaryIO, Callable, Protocol
 from urllib.parse import unquote, urlsplit
 
 import boto3
@@ -25,6 +25,7 @@ import botocore.exceptions
 
 from spotbatch.errors import JobError
 from spotbatch.retry import retry_policy
+from spotbatch.s3_range import open_range_file
 
 __all__ = [
     "Location",
@@ -149,8 +150,8 @@ def _is_under(loc: Location, prefix: Location) -> bool:
         return prefix.path == "" or path_under(loc.path, prefix.path, "/")
     if not path_under(loc.path, prefix.path, os.sep):
         return False
-    if loc.path == prefix.path:
-        return True
+    if loc.path == prefix.path or os.path.dirname(loc.path) == prefix.path.rstrip(os.sep):
+        return True  # the prefix itself, or a name right in it (the usual output): nothing to resolve
     # Resolve symlinks in the parent only: os.replace swaps the final name itself.
     real = os.path.join(os.path.realpath(os.path.dirname(loc.path)), os.path.basename(loc.path))
     return path_under(real, os.path.realpath(prefix.path), os.sep)
@@ -285,14 +286,45 @@ class S3Store:
         loc = _expect(uri, "s3")
         self._put(loc.bucket, loc.path, data)
 
+    def open_read(self, uri: str, *, refused: Callable[[Exception], Exception] | None = None) -> BinaryIO:
+        """A seekable reader of the object that fetches it block by block (ranged GETs).
+
+        Raises FileNotFoundError if it is missing. A GET that S3 refuses for good
+        (PreconditionFailed once the object is replaced, AccessDenied, ...) raises
+        ``refused(error)`` when given; transient faults raise as themselves.
+        """
+        loc = _expect(uri, "s3")
+        try:
+            head = self._head(loc.bucket, loc.path)
+        except botocore.exceptions.ClientError as exc:
+            if _is_missing(exc):
+                raise FileNotFoundError(f"no such object: {uri}") from exc
+            raise
+        etag = head.get("ETag")
+
+        def fetch(start: int, stop: int) -> bytes:
+            try:
+                return self._get_range(loc.bucket, loc.path, etag, start, stop)
+            except botocore.exceptions.ClientError as exc:
+                if refused is None or is_transient(exc):
+                    raise
+                raise refused(exc) from None
+
+        return open_range_file(fetch, head["ContentLength"])
+
     @S3_RETRY
     def _get(self, bucket: str, key: str) -> bytes:
         # The body is read inside the retried call: a stream cut mid-way retries too.
         return self._client.get_object(Bucket=bucket, Key=key)["Body"].read()
 
     @S3_RETRY
-    def _head(self, bucket: str, key: str) -> None:
-        self._client.head_object(Bucket=bucket, Key=key)
+    def _get_range(self, bucket: str, key: str, etag: str | None, start: int, stop: int) -> bytes:
+        extra = {"IfMatch": etag} if etag else {}
+        return self._client.get_object(Bucket=bucket, Key=key, Range=f"bytes={start}-{stop - 1}", **extra)["Body"].read()
+
+    @S3_RETRY
+    def _head(self, bucket: str, key: str) -> dict:
+        return self._client.head_object(Bucket=bucket, Key=key)
 
     @S3_RETRY
     def _put(self, bucket: str, key: str, data: bytes) -> None:

@@ -6,6 +6,7 @@ real `kubectl kustomize` (offline), once per overlay per test session.
 
 from __future__ import annotations
 
+import copy
 import functools
 import shutil
 import subprocess
@@ -15,13 +16,15 @@ from typing import Any, Iterator
 import yaml
 
 __all__ = [
-    "REPO", "K8S", "KEDA_REF", "OVERLAYS", "HYBRID_OVERLAYS", "cloud_of",
-    "render", "objects", "find", "config_data", "pod_containers", "container_port",
+    "REPO", "K8S", "KEDA_REF", "PROMETHEUS_OPERATOR_REF", "MONITORING", "OVERLAYS", "HYBRID_OVERLAYS", "cloud_of",
+    "render", "render_dir", "strict_schema", "objects", "find", "config_data", "pod_containers", "container_port",
 ]
 
 REPO = Path(__file__).resolve().parents[1]
 K8S = REPO / "k8s"
 KEDA_REF = REPO.parent / "shared" / "ref" / "keda"
+PROMETHEUS_OPERATOR_REF = REPO.parent / "shared" / "ref" / "prometheus-operator"
+MONITORING = K8S / "monitoring"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
 HYBRID_OVERLAYS = [o for o in OVERLAYS if o.endswith("-hybrid")]
 
@@ -35,12 +38,37 @@ def cloud_of(overlay: str) -> str:
 @functools.lru_cache(maxsize=None)
 def render(overlay: str) -> tuple[Obj, ...]:
     """The objects `kubectl kustomize k8s/overlays/<overlay>` prints (cached)."""
+    return render_dir(K8S / "overlays" / overlay)
+
+
+@functools.lru_cache(maxsize=None)
+def render_dir(folder: Path) -> tuple[Obj, ...]:
+    """The objects `kubectl kustomize FOLDER` prints (cached)."""
     kubectl = shutil.which("kubectl")
     assert kubectl, "kubectl is needed to render k8s/ (kustomize runs offline)"
-    proc = subprocess.run([kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-                          capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 0, f"kubectl kustomize {overlay} failed: {proc.stderr.strip()}"
+    proc = subprocess.run([kubectl, "kustomize", str(folder)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, f"kubectl kustomize {folder} failed: {proc.stderr.strip()}"
     return tuple(doc for doc in yaml.safe_load_all(proc.stdout) if doc)
+
+
+def strict_schema(schema: dict) -> dict:
+    """A CRD's openAPIV3Schema with unknown fields rejected: the API server would silently
+    prune them (a typo'd field must fail in tests, not vanish in the cluster)."""
+    schema = copy.deepcopy(schema)
+
+    def walk(node: object) -> None:
+        if isinstance(node, dict):
+            if ("properties" in node and "additionalProperties" not in node
+                    and not node.get("x-kubernetes-preserve-unknown-fields")):
+                node["additionalProperties"] = False
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(schema)
+    return schema
 
 
 def objects(overlay: str, kind: str) -> list[Obj]:

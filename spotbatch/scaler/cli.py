@@ -36,23 +36,23 @@ def scale_local(
     bootstrap: Optional[str] = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP]."),
     topic: Optional[str] = typer.Option(None, help="Jobs topic [env SPOTBATCH_TOPIC]."),
     group: Optional[str] = typer.Option(None, help="Consumer group of the workers [env SPOTBATCH_GROUP]."),
-    min_replicas: Optional[int] = typer.Option(None, "--min", "--scale-min-replicas", help="Fewest workers (0 = scale to zero). Default 0."),
-    max_replicas: Optional[int] = typer.Option(None, "--max", "--scale-max-replicas", help="Most workers. Default 4."),
-    lag_threshold: Optional[int] = typer.Option(None, "--lag-threshold", "--scale-lag-threshold", help="Records of lag per worker (KEDA lagThreshold). Default 10."),
-    cooldown_s: Optional[float] = typer.Option(None, "--cooldown-s", "--scale-cooldown-s", help="Seconds with no unconsumed record before scaling to zero; also the scale-in window. Default 30."),
-    poll_s: Optional[float] = typer.Option(None, "--poll-s", "--scale-poll-s", help="Seconds between lag polls. Default 1."),
-    model: Optional[str] = typer.Option(None, help="Workers' model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH."),
-    output: Optional[str] = typer.Option(None, help="Workers' output prefix: a folder or s3://bucket/prefix."),
-    device: Optional[str] = typer.Option(None, help="Workers' device: auto, cpu, cuda, cuda:N."),
-    precision: Optional[str] = typer.Option(None, help="Workers' precision: auto, fp32, bf16, fp16."),
-    torch_threads: Optional[int] = typer.Option(None, help="torch threads per worker."),
-    max_batch_rows: Optional[int] = typer.Option(None, help="Workers close a batch at this many rows."),
-    max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long."),
-    session_timeout_ms: Optional[int] = typer.Option(None, help="Workers' group session timeout."),
-    drain_s: Optional[float] = typer.Option(None, help="Workers' drain deadline after SIGTERM; SIGKILL a few seconds later."),
-    notice_source: Optional[str] = typer.Option(None, help="Workers' spot notices: auto, aws, gcp, azure, signal, none."),
-    checkpoint_interval: Optional[str] = typer.Option(None, help="Workers' part size of URI jobs."),
-    checkpoint_uri: Optional[str] = typer.Option(None, help="Workers' checkpoint store."),
+    min_replicas: Optional[int] = typer.Option(None, "--min", "--scale-min-replicas", help="Fewest workers (0 = scale to zero). Default 0 [env SPOTBATCH_SCALE_MIN_REPLICAS]."),
+    max_replicas: Optional[int] = typer.Option(None, "--max", "--scale-max-replicas", help="Most workers. Default 4 [env SPOTBATCH_SCALE_MAX_REPLICAS]."),
+    lag_threshold: Optional[int] = typer.Option(None, "--lag-threshold", "--scale-lag-threshold", help="Records of lag per worker (KEDA lagThreshold). Default 10 [env SPOTBATCH_SCALE_LAG_THRESHOLD]."),
+    cooldown_s: Optional[float] = typer.Option(None, "--cooldown-s", "--scale-cooldown-s", help="Seconds with no unconsumed record before scaling to zero; also the scale-in window. Default 30 [env SPOTBATCH_SCALE_COOLDOWN_S]."),
+    poll_s: Optional[float] = typer.Option(None, "--poll-s", "--scale-poll-s", help="Seconds between lag polls. Default 1 [env SPOTBATCH_SCALE_POLL_S]."),
+    model: Optional[str] = typer.Option(None, help="Workers' model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH [env SPOTBATCH_MODEL]."),
+    output: Optional[str] = typer.Option(None, help="Workers' output prefix: a folder or s3://bucket/prefix [env SPOTBATCH_OUTPUT]."),
+    device: Optional[str] = typer.Option(None, help="Workers' device: auto, cpu, cuda, cuda:N [env SPOTBATCH_DEVICE]."),
+    precision: Optional[str] = typer.Option(None, help="Workers' precision: auto, fp32, bf16, fp16 [env SPOTBATCH_PRECISION]."),
+    torch_threads: Optional[int] = typer.Option(None, help="torch threads per worker [env SPOTBATCH_TORCH_THREADS]."),
+    max_batch_rows: Optional[int] = typer.Option(None, help="Workers close a batch at this many rows [env SPOTBATCH_MAX_BATCH_ROWS]."),
+    max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long [env SPOTBATCH_MAX_WAIT_MS]."),
+    session_timeout_ms: Optional[int] = typer.Option(None, help="Workers' group session timeout [env SPOTBATCH_SESSION_TIMEOUT_MS]."),
+    drain_s: Optional[float] = typer.Option(None, help="Workers' drain deadline after SIGTERM; SIGKILL a few seconds later [env SPOTBATCH_DRAIN_S]."),
+    notice_source: Optional[str] = typer.Option(None, help="Workers' spot notices: auto, aws, gcp, azure, signal, none [env SPOTBATCH_NOTICE_SOURCE]."),
+    checkpoint_interval: Optional[str] = typer.Option(None, help="Workers' part size of URI jobs [env SPOTBATCH_CHECKPOINT_INTERVAL]."),
+    checkpoint_uri: Optional[str] = typer.Option(None, help="Workers' checkpoint store [env SPOTBATCH_CHECKPOINT_URI]."),
     log_dir: Optional[Path] = typer.Option(None, help="Write each worker's log to DIR/worker-<n>.log (default: this stderr)."),
     once: bool = typer.Option(False, "--once", help="Exit once the backlog is done and the cooldown has passed."),
     as_json: bool = typer.Option(False, "--json", help="Print the report (events, replicas over time) as JSON on exit."),
@@ -140,14 +140,20 @@ def _lag_report(bootstrap: str, group: str, topic: Optional[str], options, min_r
     except KafkaError as exc:
         raise LagError(f"cannot reach Kafka at {bootstrap} ({exc}); pass --bootstrap HOST:PORT") from None
     try:
-        if not reader.group_known(group):
-            raise LagError(f"consumer group {group!r} is unknown on {bootstrap}; check --group (and --bootstrap)")
+        # A group that has committed nothing yet (workers not started, or still joining) is
+        # what KEDA sees before the first commit: with --topic its backlog follows KEDA's
+        # no-commit rule; without one there is no topic to measure (read_offsets says so).
+        known = reader.group_known(group)
+        if not known and topic is None:
+            raise LagError(f"consumer group {group!r} is unknown on {bootstrap} (no member, no commit yet); "
+                           "pass --topic to see its backlog by KEDA's no-commit rule, or check --group")
         committed, ends = read_offsets(reader, group, topic)
     finally:
         reader.close()
     result = compute_lag(committed, ends, options)
     metric = policy.lag_metric(result.total_lag, result.active, options.lag_threshold)
     return {"group": group, "topic": topic, "bootstrap": bootstrap, "lag_threshold": options.lag_threshold,
+            "offset_reset_policy": options.offset_reset_policy, "group_known": known,
             **result.to_dict(), "replicas": policy.keda_replicas(metric, None, bounds)}
 
 
@@ -166,6 +172,11 @@ def _print_lag(report: dict) -> None:
     console.print(f"total lag {report['total_lag']} (with persistent {report['total_lag_with_persistent']}), "
                   f"active {str(report['active']).lower()}, replicas {report['replicas']} "
                   f"(lagThreshold {report['lag_threshold']})", highlight=False)
+    if not report.get("group_known", True):
+        rule = ("each partition counts its whole log" if report["offset_reset_policy"] == "earliest"
+                else "each partition counts 1 (--offset-reset-policy earliest counts the whole log)")
+        console.print(f"group {report['group']} has committed nothing yet: KEDA's no-commit rule for "
+                      f"offsetResetPolicy {report['offset_reset_policy']}: {rule}", highlight=False, markup=False)
 
 
 def serve(
@@ -174,7 +185,7 @@ def serve(
     host: str = typer.Option("0.0.0.0", "--host", help="Address to listen on."),
     bootstrap: Optional[str] = typer.Option(None, "--bootstrap", help="Default for triggers without bootstrapServers [env SPOTBATCH_KAFKA_BOOTSTRAP]."),
     cache_s: float = typer.Option(2.0, "--cache-s", min=0.0, help="Seconds a group's offsets are reused across calls."),
-    checkpoint_uri: Optional[str] = typer.Option(None, "--checkpoint-uri", help="Checkpoint store, for work mode's rows done of URI jobs."),
+    checkpoint_uri: Optional[str] = typer.Option(None, "--checkpoint-uri", help="Checkpoint store, for work mode's rows done of URI jobs [env SPOTBATCH_CHECKPOINT_URI]."),
     pools: bool = typer.Option(False, "--pools", help="Serve triggers with `pool: spot|on-demand` their share (hybrid scheduler; reads the spot Deployment's status)."),
     namespace: str = typer.Option("spotbatch", "--namespace", help="With --pools: namespace of the worker Deployments."),
     kubeconfig: Optional[str] = typer.Option(None, "--kubeconfig", help="With --pools: kubeconfig file (default: in-cluster, else ~/.kube/config)."),
@@ -212,7 +223,7 @@ def serve(
             _fail(f"--pools needs Kubernetes access ({exc}); run in-cluster or pass --kubeconfig FILE")
     source = LagSource(cache_s=cache_s, usage_topic=settings.usage_topic, checkpoints=checkpoints, splitter=splitter,
                        client_options=client_options(settings), call_timeout_s=call_timeout_s, stale_s=stale_s,
-                       max_groups=max_groups, max_clusters=max_clusters)
+                       max_groups=max_groups, max_clusters=max_clusters, input_prefixes=settings.input_prefixes)
     try:
         server = start(port=port, metrics_port=metrics_port, host=host, source=source,
                        default_bootstrap=bootstrap or settings.kafka_bootstrap,

@@ -28,7 +28,7 @@ import re
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
 from typing import Literal, Protocol
@@ -262,7 +262,7 @@ class LagSource:
                  reader_factory: Callable[[str], object] | None = None,
                  client_options: Mapping | None = None,
                  call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S, stale_s: float = DEFAULT_STALE_S,
-                 max_groups: int = 1024, max_clusters: int = 64,
+                 max_groups: int = 1024, max_clusters: int = 64, input_prefixes: Sequence[str] = (),
                  clock: Callable[[], float] = time.monotonic) -> None:
         if call_timeout_s is not None and not call_timeout_s > 0:
             raise ValueError(f"call_timeout_s must be > 0 (or None), got {call_timeout_s}")
@@ -276,6 +276,7 @@ class LagSource:
         self.max_clusters = max_clusters
         self._usage_topic = usage_topic
         self._checkpoints = checkpoints
+        self._input_prefixes = tuple(input_prefixes)  # work mode counts URI jobs only where workers read
         self._rate_window_s = rate_window_s
         # client_options (kafka_security.client_options): used for every trigger's Kafka.
         self._reader_factory = reader_factory or functools.partial(_offset_reader, client_options=client_options)
@@ -380,7 +381,7 @@ class LagSource:
             return group.offsets
 
     def _work(self, request: ScalerRequest, off: _Offsets) -> tuple[int, float]:
-        from spotbatch.scaler.work import PendingWork, UsageRates
+        from spotbatch.scaler.work import PendingWork, RowCounter, UsageRates
 
         reader = self._reader(request.bootstrap)
         key = (request.bootstrap, request.group, request.topic, request.options.offset_reset_policy)
@@ -388,7 +389,8 @@ class LagSource:
             work = self._pending.get(key)
             if work is None:
                 work = self._pending[key] = PendingWork(
-                    reader, checkpoints=self._checkpoints, offset_reset_policy=request.options.offset_reset_policy)
+                    reader, counter=RowCounter(input_prefixes=self._input_prefixes), checkpoints=self._checkpoints,
+                    offset_reset_policy=request.options.offset_reset_policy)
             self._pending.move_to_end(key)
             while len(self._pending) > self.max_groups:
                 self._pending.popitem(last=False)

@@ -15,16 +15,18 @@ only feed them from Kafka.
 
 from __future__ import annotations
 
-import io
+import functools
 import json
 import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from spotbatch.errors import JobError
+from spotbatch.input_access import InputPolicy
+from spotbatch.inputs import count_rows
 from spotbatch.jobs import Job, parse_job
 from spotbatch.usage_tail import UsageTail
 
@@ -85,22 +87,12 @@ def learned_rate(samples: Iterable[UsageSample], *, now: float, window_s: float,
     return rows / busy if busy > 0 and rows > 0 else default
 
 
-def count_input_rows(uri: str) -> int:
-    """Rows in a job's input file: the Parquet footer, or the JSONL/JSON record count."""
-    import pyarrow.parquet as pq
-
-    from spotbatch.inputs import input_format
-    from spotbatch.storage import parse_uri, store_for
-
-    fmt = input_format(uri)
-    loc = parse_uri(uri)
-    if fmt == "parquet":
-        source = loc.path if loc.scheme == "file" else io.BytesIO(store_for(uri).read_bytes(uri))
-        return pq.ParquetFile(source).metadata.num_rows  # footer only, for local files
-    data = store_for(uri).read_bytes(uri)
-    if fmt == "json" and data.lstrip().startswith(b"["):
-        return len(json.loads(data))
-    return sum(1 for line in data.splitlines() if line.strip())
+def count_input_rows(uri: str, policy: InputPolicy | None = None) -> int:
+    """Rows in a job's input file, read as a worker reads it (the same prefixes and
+    bounds): the Parquet footer (ranged GETs on S3), or one streaming pass over JSONL."""
+    if policy is not None:
+        uri = policy.resolve(uri)
+    return count_rows(uri)
 
 
 class RowCounter:
@@ -110,8 +102,10 @@ class RowCounter:
     its record still shows as lag, so the scaler stays active until it is handled.
     """
 
-    def __init__(self, *, max_jobs: int = 100_000, count: Callable[[str], int] = count_input_rows) -> None:
-        self._count = count
+    def __init__(self, *, max_jobs: int = 100_000, count: Callable[[str], int] | None = None,
+                 input_prefixes: Sequence[str] = ()) -> None:
+        # Where workers may not read (outside input_prefixes), the job will be dead-lettered: 0 rows.
+        self._count = count or functools.partial(count_input_rows, policy=InputPolicy(input_prefixes))
         self._max = max_jobs
         self._cache: OrderedDict[str, int] = OrderedDict()
         self._lock = threading.Lock()

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
 from spotbatch.kafka_security import client_options
+from spotbatch.scheduler import cli_spot as cs  # light: typer options only, imports inside
 
 __all__ = ["register"]
 
@@ -136,12 +137,19 @@ def report(
         _fail(str(exc))
     if plot is not None:
         rep.plot_report(result, plot)
+    from spotbatch.cli_common import err
+
+    note = rep.empty_note(result)
     if as_json:
         print(json.dumps(rep.report_json(result)))
     elif as_csv:
         print(rep.report_csv(result), end="")
-    else:
+    elif not note:
         _print(rep.render_table(result))
+    if note:  # exit 1: nothing to report (a wrong --usage-topic or --bootstrap looks the same)
+        err.print(f"{note}; workers publish one to {settings.usage_topic} every {settings.usage_interval_s:g}s: "
+                  "widen --since, or check --bootstrap and --usage-topic", highlight=False, markup=False)
+        raise typer.Exit(1)
 
 
 def _report_prices(path: Optional[Path]):
@@ -263,13 +271,18 @@ def simulate(
     baseline: int = typer.Option(2, "--baseline", min=0, help="On-demand baseline of the 'baseline' policies."),
     fallback_cap: Optional[int] = typer.Option(None, "--fallback-cap", min=0, help="Fallback cap (default: a quarter of --max-replicas)."),
     unready_grace: str = GraceOpt, interruption_rate_max: float = RateMaxOpt, recover: str = RecoverOpt,
-    as_json: bool = JsonOpt,
+    spot_trace: Optional[List[Path]] = cs.SpotTraceOpt, replicas_per_zone: Optional[int] = cs.ReplicasPerZoneOpt,
+    spot_trace_fit: str = cs.FitOpt, trace_start: str = cs.TraceStartOpt, zone_window: str = cs.ZoneWindowOpt,
+    plot: Optional[Path] = cs.PlotOpt, as_json: bool = JsonOpt,
 ) -> None:
-    """Compare all on-demand, all spot, baseline k and baseline k + fallback on one trace."""
+    """Compare all on-demand, all spot, baseline k and baseline k + fallback on one trace
+    (with --spot-trace, also zone-aware k + fallback, on recorded spot capacity)."""
     from dataclasses import replace
 
     from spotbatch.scheduler import simulate as sm
 
+    cs.check_plot(plot)
+    spot_traces = cs.load_or_fail(spot_trace, spot_trace_fit, spot_capacity)
     workload, sim, market, price = _scenario(
         trace=trace, synthetic=synthetic, days=days, mean_rows_per_s=mean_rows_per_s, rows_per_job=rows_per_job,
         seed=seed, rows_per_s=rows_per_s, cold_start=cold_start, lag_threshold=lag_threshold, max_replicas=max_replicas,
@@ -277,18 +290,37 @@ def simulate(
         interruptions_per_month=interruptions_per_month, events_per_month=events_per_month,
         event_kill_fraction=event_kill_fraction, shortage=shortage, spot_capacity=spot_capacity,
         prices_file=prices_file, instance_type=instance_type, slo_drain=slo_drain)
+    sim = replace(sim, zone_score_window_s=_duration(zone_window, "--zone-window"))
+    workload, zones = cs.simulate_zones(spot_traces, workload, start=trace_start, fit=spot_trace_fit,
+                                        replicas_per_zone=replicas_per_zone, max_replicas=max_replicas, duration=_duration)
     template = _pool_template(unready_grace, interruption_rate_max, recover)
     cap = fallback_cap if fallback_cap is not None else max(1, max_replicas // 4)
-    policies = [sm.Policy(p.name, replace(p.pools, unready_grace_s=template.unready_grace_s,
-                                          interruption_rate_max_per_h=template.interruption_rate_max_per_h,
-                                          recover_s=template.recover_s))
-                for p in sm.standard_policies(baseline=baseline, fallback_cap=cap, spot_max=max_replicas)]
-    results = sm.compare(workload, policies, sim=sim, market=market, price=price, seed=seed)
+    chosen = sm.standard_policies(baseline=baseline, fallback_cap=cap, spot_max=max_replicas)
+    if zones is not None:
+        chosen.append(sm.zone_aware_policy(baseline=baseline, fallback_cap=cap, spot_max=max_replicas))
+    policies = [replace(p, pools=replace(p.pools, unready_grace_s=template.unready_grace_s,
+                                         interruption_rate_max_per_h=template.interruption_rate_max_per_h,
+                                         recover_s=template.recover_s)) for p in chosen]
+    runs = [sm.simulate_timeline(workload, p, sim=sim, market=market, price=price, seed=seed, zones=zones)
+            for p in policies]
+    results = [r for r, _ in runs]
+    title = (f"{workload.name}, seed {seed}, SLO drain {sim.slo_drain_s:g}s, "
+             f"prices {price.instance_type} (od ${price.on_demand_per_h}/h, spot ${price.spot_per_h}/h)")
+    if plot is not None:
+        from spotbatch.scheduler.sim_plot import plot_timelines
+
+        plot_timelines(plot, [(p.name, tl) for p, (_, tl) in zip(policies, runs)], title=title)
     if as_json:
-        print(json.dumps(sm.comparison_json(results, workload, sim, market, price, seed)))
-    else:
-        _print(sm.comparison_table(results, title=f"{workload.name}, seed {seed}, SLO drain {sim.slo_drain_s:g}s, "
-                                                  f"prices {price.instance_type} (od ${price.on_demand_per_h}/h, spot ${price.spot_per_h}/h)"))
+        doc = sm.comparison_json(results, workload, sim, market, price, seed)
+        if zones is not None:
+            doc["spot_traces"] = {"zones": list(zones.names), "files": [t.path for t in spot_traces], "fit": zones.fit,
+                                  "looped": list(zones.looped), "start_s": zones.start_s,
+                                  "replicas_per_zone": list(zones.replicas_per_zone), "describe": zones.describe()}
+        print(json.dumps(doc))
+        return
+    _print(sm.comparison_table(results, title=title))
+    if zones is not None:
+        _print(zones.describe() + "; synthetic capacity events off")
 
 
 @scheduler_app.command()
@@ -309,14 +341,22 @@ def plan(
     unready_grace: str = GraceOpt, interruption_rate_max: float = RateMaxOpt, recover: str = RecoverOpt,
     jobs: int = typer.Option(0, "--jobs", min=0, help="Processes to simulate in (0 = one per CPU)."),
     runners_up: int = typer.Option(5, "--runners-up", min=0, help="How many runners-up to show."),
+    spot_trace: Optional[List[Path]] = cs.SpotTraceOpt, replicas_per_zone: Optional[int] = cs.ReplicasPerZoneOpt,
+    spot_trace_fit: str = cs.FitOpt, trace_starts: str = cs.TraceStartsOpt, zone_counts: Optional[str] = cs.ZoneCountsOpt,
+    placements: str = cs.PlacementsOpt, zone_window: str = cs.ZoneWindowOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Recommend the cheapest baseline + fallback cap that meets --slo-drain (input to apply)."""
+    """Recommend the cheapest baseline + fallback cap (with --spot-trace: and placement and zone
+    count) that meets --slo-drain on every seed and trace window (input to apply)."""
+    from dataclasses import replace
+
     from rich.progress import Progress
 
     from spotbatch.scheduler import plan as pl
 
     seed_list = _ints(seeds, "--seeds")
+    spot_traces = cs.load_or_fail(spot_trace, spot_trace_fit, spot_capacity)
+    placement_list = cs.placements_or_fail(placements)
     workload, sim, market, price = _scenario(
         trace=trace, synthetic=synthetic, days=days, mean_rows_per_s=mean_rows_per_s, rows_per_job=rows_per_job,
         seed=seed_list[0], rows_per_s=rows_per_s, cold_start=cold_start, lag_threshold=lag_threshold,
@@ -324,16 +364,29 @@ def plan(
         checkpoint_interval=checkpoint_interval, step=step, interruptions_per_month=interruptions_per_month,
         events_per_month=events_per_month, event_kill_fraction=event_kill_fraction, shortage=shortage,
         spot_capacity=spot_capacity, prices_file=prices_file, instance_type=instance_type, slo_drain=slo_drain)
-    from spotbatch.cli_common import err
+    sim = replace(sim, zone_score_window_s=_duration(zone_window, "--zone-window"))
+    workload, windows = cs.plan_windows(spot_traces, workload, starts=trace_starts, fit=spot_trace_fit,
+                                        replicas_per_zone=replicas_per_zone, max_replicas=max_replicas,
+                                        duration=_duration)
+    from spotbatch.cli_common import ProgressLines, err
 
-    with Progress(console=err, disable=as_json, transient=True) as bar:
+    # Progress goes to stderr, so it shows with --json too (stdout stays one JSON object);
+    # off a terminal (logs, CI) as plain lines.
+    lines = ProgressLines("plan: simulations")
+    with Progress(console=err, transient=True, disable=not err.is_terminal) as bar:
         task = bar.add_task("simulating candidates", total=None)
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+            lines.update(done, total)
+
         result = pl.search(workload, sim=sim, market=market, price=price, seeds=seed_list, slo_drain_s=sim.slo_drain_s,
                            max_miss_fraction=max_miss_fraction,
                            baselines=_ints(baselines, "--baselines") if baselines else None,
                            fallback_caps=_ints(fallback_caps, "--fallback-caps") if fallback_caps else None,
                            template=_pool_template(unready_grace, interruption_rate_max, recover), jobs=jobs,
-                           progress=lambda done, total: bar.update(task, completed=done, total=total))
+                           progress=tick, windows=windows, zone_counts=_ints(zone_counts, "--zone-counts") if zone_counts else None,
+                           placements=placement_list)
     if as_json:
         print(json.dumps(pl.plan_json(result, runners_up=runners_up)))
     else:
@@ -397,7 +450,10 @@ def _apply_setting(plan_file, baseline, fallback_cap, max_replicas, spot_max):
         if any(f is not None for f in flags):
             _fail("--plan and --baseline/--fallback-cap/--max-replicas/--spot-max both given; pass one or the other")
         try:
-            return setting_from_plan(json.loads(plan_file.read_text()), str(plan_file))
+            doc = json.loads(plan_file.read_text())
+            setting = setting_from_plan(doc, str(plan_file))
+            _note_zones(doc["recommended"])
+            return setting
         except FileNotFoundError:
             _fail(f"plan file {plan_file} does not exist; make one with `spotbatch scheduler plan ... --json > {plan_file}`")
         except (json.JSONDecodeError, PlanError) as exc:
@@ -406,6 +462,15 @@ def _apply_setting(plan_file, baseline, fallback_cap, max_replicas, spot_max):
         _fail("pass --plan FILE, or --baseline N and --max-replicas N (and optionally --fallback-cap, --spot-max)")
     return PoolConfig(baseline=baseline, fallback_cap=fallback_cap or 0,
                       spot_max=max_replicas if spot_max is None else spot_max), max_replicas, None
+
+
+def _note_zones(rec: dict) -> None:
+    """A plan made on spot traces also names zones and a placement: apply cannot write
+    those (they belong to the spot node pool), so say so rather than drop them silently."""
+    if rec.get("zones") or rec.get("placement", "spread") != "spread":
+        typer.echo(f"note: the plan's spot placement ({rec.get('placement', 'spread')}) and zones "
+                   f"({', '.join(rec.get('zones') or []) or 'all'}) are not written by apply; set them on the spot "
+                   f"node pool (e.g. a topology.kubernetes.io/zone requirement)", err=True)
 
 
 def register(app: typer.Typer) -> None:

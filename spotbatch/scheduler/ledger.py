@@ -29,7 +29,7 @@ from typing import Any
 
 __all__ = ["UsageRecord", "Window", "Usage", "Ledger", "LedgerError", "parse_when", "read_ledger", "POOLS", "LOOKBACK_MARGIN_S"]
 
-POOLS = ("spot", "on-demand")
+POOLS = ("spot", "on-demand", "unknown")  # unknown: a worker not told its pool; priced on-demand
 _VERSION = 1
 _NUMBERS = ("start", "end", "seconds_alive", "seconds_busy")
 _COUNTS = ("gpus", "rows", "jobs", "interruptions", "rows_recomputed")

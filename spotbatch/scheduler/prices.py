@@ -37,12 +37,14 @@ class InstancePrice:
     region: str
 
     def per_h(self, pool: str) -> float:
-        """The hourly price a worker in ``pool`` ("spot" or "on-demand") pays."""
+        """The hourly price a worker in ``pool`` pays: "spot" the spot price; "on-demand"
+        and "unknown" (a worker not told its pool) the on-demand price, so a report never
+        shows savings nobody made."""
         if pool == "spot":
             return self.spot_per_h
-        if pool == "on-demand":
+        if pool in ("on-demand", "unknown"):
             return self.on_demand_per_h
-        raise ValueError(f"unknown pool {pool!r}; expected 'spot' or 'on-demand'")
+        raise ValueError(f"unknown pool {pool!r}; expected 'spot', 'on-demand' or 'unknown'")
 
 
 def load_prices(path: str | Path) -> dict[str, InstancePrice]:

@@ -15,13 +15,14 @@ import math
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from spotbatch.scheduler.ledger import POOLS, Ledger, Usage, Window, read_ledger
 from spotbatch.scheduler.prices import InstancePrice, demo_prices
 
 __all__ = ["PoolCost", "CostReport", "UnpricedError", "compute_report", "report_json", "report_csv",
-           "render_table", "plot_report", "report_for_demo", "report_from_json", "auto_bucket_s", "COLUMNS"]
+           "render_table", "plot_report", "report_for_demo", "report_from_json", "auto_bucket_s", "empty_note",
+           "COLUMNS"]
 
 TOTAL = "total"
 # Column order of the table and the CSV (the JSON carries the same keys per pool).
@@ -71,14 +72,15 @@ def compute_report(ledger: Ledger, prices: Mapping[str, InstancePrice], window: 
     """Price the ledger's usage inside ``window``; UnpricedError on an unknown type."""
     sums = ledger.totals(window)
     _check_priced(sums, prices, prices_source)
-    pools = [_pool_cost(pool, {t: u for (p, t), u in sums.items() if p == pool}, prices) for pool in POOLS]
+    shown = [pool for pool in POOLS if pool != "unknown" or any(p == pool for p, _ in sums)]
+    pools = [_pool_cost(pool, {t: u for (p, t), u in sums.items() if p == pool}, prices) for pool in shown]
     total = _total(pools, workers=len(set().union(*(u.workers for u in sums.values()))))
     span = ledger.span(window)
     bucket = bucket_s or auto_bucket_s(span[1] - span[0] if span else 0.0)
     return CostReport(
         since=window.since, until=window.until, pools=pools, total=total,
         savings_fraction=total.savings / total.on_demand_cost if total.on_demand_cost > 0 else None,
-        prices_source=prices_source, bucket_s=bucket, timeline=_timeline(ledger, prices, window, bucket),
+        prices_source=prices_source, bucket_s=bucket, timeline=_timeline(ledger, prices, window, bucket, shown),
         duplicates=ledger.duplicates, skipped=ledger.skipped, malformed=ledger.malformed,
     )
 
@@ -130,12 +132,14 @@ def auto_bucket_s(span_s: float, *, buckets: int = 48) -> float:
     return float(_NICE_BUCKETS_S[-1])
 
 
-def _timeline(ledger: Ledger, prices: Mapping[str, InstancePrice], window: Window, bucket_s: float) -> list[dict]:
+def _timeline(ledger: Ledger, prices: Mapping[str, InstancePrice], window: Window, bucket_s: float,
+              pools: Iterable[str] = POOLS) -> list[dict]:
     """Per bucket and pool: cost, and replicas (mean workers alive = alive s / width)."""
     points = []
+    pools = tuple(pools)
     for start, sums in ledger.timeline(window, bucket_s):
-        cost = dict.fromkeys(POOLS, 0.0)
-        replicas = dict.fromkeys(POOLS, 0.0)
+        cost = dict.fromkeys(pools, 0.0)
+        replicas = dict.fromkeys(pools, 0.0)
         for (pool, itype), alive_s in sums.items():
             cost[pool] += alive_s / 3600 * prices[itype].per_h(pool)
             replicas[pool] += alive_s / bucket_s
@@ -225,14 +229,21 @@ def plot_report(report: CostReport, path: str | Path) -> Path:
 
     times = [datetime.fromtimestamp(p["start"], tz=timezone.utc) for p in report.timeline]
     fig, (ax_cost, ax_rep) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    for pool in POOLS:
-        ax_cost.step(times, [p["cost"][pool] for p in report.timeline], where="post", label=pool)
-        ax_rep.step(times, [p["replicas"][pool] for p in report.timeline], where="post", label=pool)
-    ax_cost.set_ylabel(f"cost $ per {_width(report.bucket_s)}")
+    for pool in (p.pool for p in report.pools):
+        ax_cost.step(times, [p["cost"].get(pool, 0.0) for p in report.timeline], where="post", label=pool)
+        ax_rep.step(times, [p["replicas"].get(pool, 0.0) for p in report.timeline], where="post", label=pool)
+    # parse_math=False: "$" is a dollar here, not matplotlib mathtext
+    ax_cost.set_ylabel(f"cost ($) per {_width(report.bucket_s)}", parse_math=False)
     ax_rep.set_ylabel("replicas (mean alive)")
     ax_rep.set_xlabel("time (UTC)")
-    ax_cost.legend()
-    ax_cost.set_title(f"spotbatch cost: ${report.total.cost:.2f}, saved ${report.total.savings:.2f} vs all on-demand")
+    note = empty_note(report)
+    if note:
+        for ax in (ax_cost, ax_rep):
+            ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", parse_math=False)
+    else:
+        ax_cost.legend()
+    ax_cost.set_title(f"spotbatch cost: ${report.total.cost:.2f}, saved ${report.total.savings:.2f} vs all on-demand",
+                      parse_math=False)
     fig.autofmt_xdate()
     out = Path(path)
     fig.savefig(out, dpi=100)
@@ -241,7 +252,20 @@ def plot_report(report: CostReport, path: str | Path) -> Path:
 
 
 def _width(seconds: float) -> str:
-    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min"
+    """A bucket width as people write it: "5 s", "90 s", "15 min", "2.5 h"."""
+    if seconds >= 3600:
+        return f"{seconds / 3600:.4g} h"
+    if seconds >= 60 and seconds % 60 == 0:
+        return f"{seconds / 60:.4g} min"
+    return f"{seconds:.4g} s"
+
+
+def empty_note(report: CostReport) -> str | None:
+    """A line saying the window holds no usage record (None if it holds some)."""
+    if report.total.workers or report.total.instance_hours:
+        return None
+    window = f"{_iso(report.since) or 'the beginning'} .. {_iso(report.until) or 'now'}"
+    return f"no usage records in this window ({window})"
 
 
 def _iso(epoch: float | None) -> str | None:

@@ -14,11 +14,15 @@ Per step:
 2. The spot market: pool-wide capacity events (seeded, the same for every policy)
    reclaim a fraction of spot replicas and stop new spot launches for a while
    (correlated bursts + capacity shortage); each spot replica is also interrupted
-   independently at ``interruption_rate_per_h``. An interrupted busy replica loses, on
-   average, half a checkpoint interval of rows; they go back to the backlog.
+   independently at ``interruption_rate_per_h``. With recorded spot traces (``zones``,
+   spot_traces.py) the spot pool is split into zones instead: each zone's capacity at
+   the step reclaims what runs above it, and the synthetic events are off. An
+   interrupted busy replica loses, on average, half a checkpoint interval of rows; they
+   go back to the backlog.
 3. Each pool converges on its target: surplus starting replicas go first, then ready
-   ones; new ones launch (spot only while capacity allows) and become ready after
-   ``cold_start_s``. Every launched replica is billed, starting or ready.
+   ones; new ones launch (spot only while capacity allows, zone by zone as the policy's
+   placement says: zones.py) and become ready after ``cold_start_s``. Every launched
+   replica is billed, starting or ready.
 4. Ready replicas process the backlog at ``rows_per_s`` each.
 
 Drain time of a job = from its arrival until every row that arrived up to then is
@@ -37,10 +41,12 @@ import numpy as np
 from spotbatch.scaler import decide as autoscale  # the scaler's lag -> replicas decision, reused as is
 from spotbatch.scheduler.pools import FallbackMemory, PoolConfig, PoolObservation, decide
 from spotbatch.scheduler.prices import InstancePrice
+from spotbatch.scheduler.spot_traces import ZoneCapacity
 from spotbatch.scheduler.traces import Trace
+from spotbatch.scheduler.zones import ReplicaPool, SpotZones
 
-__all__ = ["SimConfig", "SpotMarket", "Policy", "SimResult", "simulate", "compare", "standard_policies",
-           "comparison_json", "comparison_table"]
+__all__ = ["SimConfig", "SpotMarket", "Policy", "SimResult", "Timeline", "simulate", "simulate_timeline", "compare",
+           "standard_policies", "zone_aware_policy", "comparison_json", "comparison_table"]
 
 _RATE_WINDOW_S = 3600.0  # interruptions per spot replica-hour are observed over this window
 
@@ -56,6 +62,7 @@ class SimConfig:
     checkpoint_interval_s: float = 300.0
     slo_drain_s: float = 1800.0
     step_s: float = 30.0  # = the polling interval: finer steps buy little and cost time
+    zone_score_window_s: float = 6 * 3600.0  # zone-aware placement ranks zones on this much history
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,6 +81,7 @@ class SpotMarket:
 class Policy:
     name: str
     pools: PoolConfig
+    placement: str = "spread"  # over zones: "spread" or "zone-aware" (zones.py)
 
 
 @dataclass(frozen=True)
@@ -96,6 +104,8 @@ class SimResult:
     peak_replicas: int
     backlog_rows_at_end: float
     settings: dict = field(default_factory=dict)
+    placement: str = "spread"
+    zones: int = 1
 
     @property
     def miss_fraction(self) -> float:
@@ -116,71 +126,71 @@ def standard_policies(*, baseline: int, fallback_cap: int, spot_max: int) -> lis
     ]
 
 
+def zone_aware_policy(*, baseline: int, fallback_cap: int, spot_max: int) -> Policy:
+    """Baseline + fallback with zone-aware spot placement (zones.py)."""
+    return Policy(f"zone-aware {baseline} + fallback {fallback_cap}",
+                  PoolConfig(baseline=baseline, spot_max=spot_max, fallback_cap=fallback_cap), placement="zone-aware")
+
+
 def compare(trace: Trace, policies: Iterable[Policy], *, sim: SimConfig, market: SpotMarket,
-            price: InstancePrice, seed: int) -> list[SimResult]:
-    """Every policy against the same trace and the same market events."""
-    return [simulate(trace, p, sim=sim, market=market, price=price, seed=seed) for p in policies]
+            price: InstancePrice, seed: int, zones: ZoneCapacity | None = None) -> list[SimResult]:
+    """Every policy against the same trace and the same market events (or spot traces)."""
+    return [simulate(trace, p, sim=sim, market=market, price=price, seed=seed, zones=zones) for p in policies]
 
 
 def simulate(trace: Trace, policy: Policy, *, sim: SimConfig, market: SpotMarket, price: InstancePrice,
-             seed: int) -> SimResult:
-    """One policy, one seeded run. Same seed, same inputs -> the same result."""
+             seed: int, zones: ZoneCapacity | None = None) -> SimResult:
+    """One policy, one seeded run. Same seed, same inputs -> the same result. With
+    ``zones`` (recorded spot capacity per zone) the market's capacity events and
+    ``spot_capacity`` give way to the traces; its independent interruptions still apply."""
+    return _run(trace, policy, sim, market, seed, zones).result(policy, price)
+
+
+@dataclass(frozen=True)
+class Timeline:
+    """Per step of one run: spot capacity the market offered (None: unlimited), replicas
+    alive per pool and rows waiting at the end of the step."""
+
+    step_s: float
+    spot_capacity: np.ndarray | None
+    on_demand: np.ndarray
+    spot: np.ndarray
+    backlog_rows: np.ndarray
+
+
+def simulate_timeline(trace: Trace, policy: Policy, *, sim: SimConfig, market: SpotMarket, price: InstancePrice,
+                      seed: int, zones: ZoneCapacity | None = None) -> tuple[SimResult, Timeline]:
+    """``simulate`` plus the run over time (for ``--plot``)."""
+    run = _run(trace, policy, sim, market, seed, zones)
+    capacity = zones.caps.sum(axis=0) if zones is not None else None
+    return run.result(policy, price), Timeline(sim.step_s, capacity, run.od_alive, run.spot_alive, run.backlog)
+
+
+def _run(trace: Trace, policy: Policy, sim: SimConfig, market: SpotMarket, seed: int,
+         zones: ZoneCapacity | None) -> "_Run":
     if abs(trace.step_s - sim.step_s) > 1e-9:
         raise ValueError(f"trace step {trace.step_s}s != simulation step {sim.step_s}s; bin the trace with the same step")
-    run = _Run(trace, policy.pools, sim, market, seed)
+    if zones is not None and zones.caps.shape[1] != trace.steps:
+        raise ValueError(f"spot traces cover {zones.caps.shape[1]} steps, the workload {trace.steps}; build both for one window")
+    run = _Run(trace, policy, sim, market, seed, zones)
     run.loop()
-    return run.result(policy, price)
-
-
-class _Pool:
-    """Replica counts of one pool: ready, and starting in a ring indexed by ready step."""
-
-    def __init__(self, cold_steps: int) -> None:
-        self.ready = 0
-        self.cold_steps = cold_steps
-        self.ring = [0] * (cold_steps + 1)
-        self.starting = 0
-
-    @property
-    def alive(self) -> int:
-        return self.ready + self.starting
-
-    def advance(self, i: int) -> None:
-        slot = i % len(self.ring)
-        self.ready += self.ring[slot]
-        self.starting -= self.ring[slot]
-        self.ring[slot] = 0
-
-    def launch(self, i: int, n: int) -> None:
-        if self.cold_steps == 0:
-            self.ready += n
-            return
-        self.ring[(i + self.cold_steps) % len(self.ring)] += n
-        self.starting += n
-
-    def remove(self, i: int, n: int) -> int:
-        """Remove ``n`` replicas, newest starting ones first; returns ready ones removed."""
-        for back in range(self.cold_steps, 0, -1):
-            if n == 0 or self.starting == 0:
-                break
-            slot = (i + back) % len(self.ring)
-            take = min(n, self.ring[slot])
-            self.ring[slot] -= take
-            self.starting -= take
-            n -= take
-        take = min(n, self.ready)
-        self.ready -= take
-        return take
+    return run
 
 
 class _Run:
-    def __init__(self, trace: Trace, pools: PoolConfig, sim: SimConfig, market: SpotMarket, seed: int) -> None:
-        self.trace, self.pools, self.sim, self.market = trace, pools, sim, market
+    def __init__(self, trace: Trace, policy: Policy, sim: SimConfig, market: SpotMarket, seed: int,
+                 zones: ZoneCapacity | None) -> None:
+        self.trace, self.pools, self.sim, self.market = trace, policy.pools, sim, market
         dt = sim.step_s
         cold = math.ceil(sim.cold_start_s / dt - 1e-9)
-        self.od, self.spot = _Pool(cold), _Pool(cold)
+        self.od = ReplicaPool(cold)
+        self.spot = SpotZones(cold, capacity=zones, limit=market.spot_capacity, placement=policy.placement,
+                              score_window_steps=round(sim.zone_score_window_s / dt))
+        self.zones = zones.zones if zones is not None else 1
         self.rng = np.random.default_rng([seed, 1])
         self.events, self.shortage_steps = _market_events(market, trace.steps, dt, seed)
+        if zones is not None:  # recorded capacity replaces the synthetic events
+            self.events = np.zeros(trace.steps, dtype=bool)
         self.poll_steps = max(1, round(sim.polling_interval_s / dt))
         self.scale_policy = autoscale.ScalePolicy(min_replicas=0, max_replicas=sim.max_replicas,
                                                   lag_threshold=sim.lag_threshold, cooldown_s=sim.cooldown_s)
@@ -193,6 +203,7 @@ class _Run:
         self.od_alive = np.zeros(n, dtype=np.int64)
         self.spot_alive = np.zeros(n, dtype=np.int64)
         self.fallback = np.zeros(n, dtype=np.int64)
+        self.backlog = np.zeros(n)
         self.recomputed = 0.0
         self.interruptions = 0
         self.backlog_end = 0.0
@@ -209,6 +220,7 @@ class _Run:
         kills_sum = spot_steps_sum = 0
         for i in range(self.trace.steps):
             if i % self.poll_steps == 0:
+                self.spot.rank(i)
                 spot_h = spot_steps_sum * dt / 3600
                 rate = kills_sum / spot_h if spot_h >= 1 else 0.0
                 od_target, spot_target, fallback = self._poll(i, backlog, busy, spot_target, rate)
@@ -221,8 +233,8 @@ class _Run:
                 backlog += lost
                 self.done[i] -= lost
             self.interruptions += killed
-            self._converge(self.od, od_target, i, can_launch=True)
-            self._converge(self.spot, spot_target, i, can_launch=i > self.shortage_until, limit=self.market.spot_capacity)
+            self.od.converge(i, od_target, can_launch=True, limit=None)
+            self.spot.converge(i, spot_target, can_launch=i > self.shortage_until)
             self.od.advance(i)
             self.spot.advance(i)
             work = min(backlog, sim.rows_per_s * dt * (self.od.ready + self.spot.ready))
@@ -230,6 +242,7 @@ class _Run:
             busy = work / (sim.rows_per_s * dt)
             self.done[i] += work
             self.od_alive[i], self.spot_alive[i], self.fallback[i] = self.od.alive, self.spot.alive, fallback
+            self.backlog[i] = backlog
             kills_sum += killed - kills[0]
             kills.append(killed)
             spot_steps_sum += self.spot.alive - spot_steps[0]
@@ -252,31 +265,25 @@ class _Run:
         return split.on_demand, split.spot, split.fallback
 
     def _interrupt(self, i: int) -> tuple[int, int]:
-        """This step's spot losses: (ready replicas lost, all replicas lost)."""
-        killed_ready = killed = 0
+        """This step's spot losses: (ready replicas lost, all replicas lost). Traced
+        zones first (capacity gone, recorded preemptions), then the synthetic market."""
+        killed_ready, killed = self.spot.reclaim(i)
         if self.events[i] and self.spot.alive:
             self.shortage_until = max(self.shortage_until, i + int(self.shortage_steps[i]))
-            n = int(round(self.spot.alive * self.market.event_kill_fraction))
-            killed_ready += self.spot.remove(i, n)
-            killed += n
-        if self.spot.alive and self.p_interrupt > 0:
-            n = int(self.rng.binomial(self.spot.alive, self.p_interrupt))
-            if n:  # an interruption hits ready and starting replicas alike
-                ready_share = int(self.rng.hypergeometric(self.spot.ready, self.spot.starting, n))
-                self.spot.remove(i, n - ready_share)  # newest starting first
-                self.spot.ready -= ready_share
-                killed_ready += ready_share
+        for pool in self.spot.pools:
+            if self.events[i] and pool.alive:
+                n = int(round(pool.alive * self.market.event_kill_fraction))
+                killed_ready += pool.remove(i, n)
                 killed += n
+            if pool.alive and self.p_interrupt > 0:
+                n = int(self.rng.binomial(pool.alive, self.p_interrupt))
+                if n:  # an interruption hits ready and starting replicas alike
+                    ready_share = int(self.rng.hypergeometric(pool.ready, pool.starting, n))
+                    pool.remove(i, n - ready_share)  # newest starting first
+                    pool.ready -= ready_share
+                    killed_ready += ready_share
+                    killed += n
         return killed_ready, killed
-
-    @staticmethod
-    def _converge(pool: _Pool, target: int, i: int, *, can_launch: bool, limit: int | None = None) -> None:
-        if pool.alive > target:
-            pool.remove(i, pool.alive - target)
-        elif pool.alive < target and can_launch:
-            room = target - pool.alive if limit is None else min(target, limit) - pool.alive
-            if room > 0:
-                pool.launch(i, room)
 
     def result(self, policy: Policy, price: InstancePrice) -> SimResult:
         dt, trace = self.sim.step_s, self.trace
@@ -293,7 +300,8 @@ class _Run:
             jobs=int(trace.jobs.sum()), slo_misses=misses, drain_p50_s=p50, drain_p95_s=p95, drain_max_s=pmax,
             fallback_hours=float((self.fallback > 0).sum()) * dt / 3600,
             peak_replicas=int((self.od_alive + self.spot_alive).max(initial=0)),
-            backlog_rows_at_end=float(self.backlog_end), settings=asdict(policy.pools))
+            backlog_rows_at_end=float(self.backlog_end), settings=asdict(policy.pools), placement=policy.placement,
+            zones=self.zones)
 
 
 def _market_events(market: SpotMarket, steps: int, dt: float, seed: int) -> tuple[np.ndarray, np.ndarray]:

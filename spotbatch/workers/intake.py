@@ -6,11 +6,11 @@ from typing import Any
 
 from spotbatch.errors import JobError
 from spotbatch.input_access import InputPolicy
-from spotbatch.inputs import DEFAULT_MAX_INPUT_BYTES, read_rows
+from spotbatch.inputs import InputLimits, RowReader, open_input
 from spotbatch.jobs import InlineInputs, Job
 from spotbatch.models.base import ModelHandler
 from spotbatch.workers.batcher import PendingJob
-from spotbatch.workers.parts import PartPlanner
+from spotbatch.workers.parts import PartFeed, PartPlanner
 from spotbatch.workers.sinks import ParquetSink
 
 __all__ = ["Intake"]
@@ -23,14 +23,14 @@ class Intake:
     can run it on the I/O pool instead of stalling the consumer loop.
     """
 
-    def __init__(self, handler: ModelHandler, sink: ParquetSink, *, aliases: tuple[str, ...] = (),
-                 planner: PartPlanner | None = None, inputs: InputPolicy | None = None,
-                 max_input_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> None:
+    def __init__(self, handler: ModelHandler, sink: ParquetSink, planner: PartPlanner, *,
+                 aliases: tuple[str, ...] = (), inputs: InputPolicy | None = None,
+                 limits: InputLimits = InputLimits()) -> None:
         self._handler = handler
         self._sink = sink
         self._inputs = inputs or InputPolicy(())  # none: URI jobs are refused
-        self._max_input_bytes = max_input_bytes
-        self._planner = planner  # None: URI jobs are written whole, like inline ones
+        self._limits = limits
+        self._planner = planner
         # The name the operator configured ("torchscript:./m.pt") and the handler's own.
         self._names = {handler.name, *aliases}
 
@@ -50,12 +50,13 @@ class Intake:
 
     def output_of(self, job: Job) -> str:
         """Where the job's result lives: its Parquet file, or the folder of its parts."""
-        if self._planner is not None and self.needs_io(job):
+        if self.needs_io(job):
             return self._sink.folder_uri(job.job_id, job.output)
         return self._sink.output_uri(job.job_id, job.output)
 
-    def build(self, job: Job, record: Any, epoch: int) -> list[PendingJob]:
-        """The job's units of work: one for an inline job, its unfinished parts for a URI job.
+    def build(self, job: Job, record: Any, epoch: int) -> list[PendingJob] | PartFeed:
+        """The job's work: one unit for an inline job, the feed of its unfinished parts
+        for a URI job.
 
         Runs on the I/O pool. An empty list means the job is already complete: a
         redelivered job whose output a previous owner made durable but could not commit
@@ -63,30 +64,45 @@ class Intake:
         Job ids name outputs, so an existing output is this job's result.
         """
         output_uri, params = self.check(job)
-        if not self.needs_io(job) and self._sink.exists(output_uri):
+        if self.needs_io(job):
+            return self._feed(job, record, params, epoch) or []
+        if self._sink.exists(output_uri):
             return []
-        ids, values = self._rows(job)
+        ids, values = self._inline_rows(job)
+        self.check_rows(ids, values)
+        return [PendingJob(job, record, ids, values, output_uri, params, epoch=epoch)]
+
+    def check_rows(self, ids: list[str], values: list[Any]) -> None:
         for row_id, value in zip(ids, values):
             try:
                 self._handler.check_row(value)
             except ValueError as exc:
                 raise JobError("row_rejected", f"row {row_id!r}: {exc}") from None
-        if self._planner is not None and self.needs_io(job):
-            return self._planner.plan(job, record, ids, values, params, epoch)
-        return [PendingJob(job, record, ids, values, output_uri, params, epoch=epoch)]
 
-    def _rows(self, job: Job) -> tuple[list[str], list[Any]]:
-        column = self._handler.input_column
-        if isinstance(job.inputs, InlineInputs):
-            extras = [row.model_extra or {} for row in job.inputs.rows]
-            for i, extra in enumerate(extras):
-                if column not in extra:
-                    raise JobError("invalid_job", f"inputs.rows.{i}: missing the model's input column {column!r}")
-            return [row.id for row in job.inputs.rows], [extra[column] for extra in extras]
+    def _feed(self, job: Job, record: Any, params: dict, epoch: int) -> PartFeed | None:
+        reader = self._open(job)
+        try:
+            rows = reader.count()
+            if not rows:
+                raise JobError("input_invalid", f"{job.inputs.uri} has no rows")
+            feed = self._planner.plan(job, record, reader, rows, params, epoch, self.check_rows)
+        except BaseException:
+            reader.close()
+            raise
+        if feed is None:
+            reader.close()
+        return feed
+
+    def _open(self, job: Job) -> RowReader:
         inputs = job.inputs
         uri = self._inputs.resolve(inputs.uri)  # before any byte is read
-        ids, values = read_rows(uri, id_column=inputs.id_column, input_column=inputs.input_column or column,
-                                max_bytes=self._max_input_bytes)
-        if not ids:
-            raise JobError("input_invalid", f"{inputs.uri} has no rows")
-        return ids, values
+        return open_input(uri, id_column=inputs.id_column, input_column=inputs.input_column or self._handler.input_column,
+                          limits=self._limits)
+
+    def _inline_rows(self, job: Job) -> tuple[list[str], list[Any]]:
+        column = self._handler.input_column
+        extras = [row.model_extra or {} for row in job.inputs.rows]
+        for i, extra in enumerate(extras):
+            if column not in extra:
+                raise JobError("invalid_job", f"inputs.rows.{i}: missing the model's input column {column!r}")
+        return [row.id for row in job.inputs.rows], [extra[column] for extra in extras]

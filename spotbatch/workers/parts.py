@@ -1,5 +1,8 @@
 """Jobs in parts: URI jobs are cut into parts, each part checkpointed once durable.
 
+A job's input is read one part at a time (:class:`PartFeed`), as the worker's backlog
+has room, so a job of any size holds a few parts in memory, never its whole input.
+
 Layout of a job in parts (every URI job)::
 
     <prefix>/<job_id>/part-00000.parquet ... part-NNNNN.parquet
@@ -18,16 +21,18 @@ import json
 import math
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, Progress, StaleCheckpoint
 from spotbatch.errors import JobError
+from spotbatch.inputs import RowReader
 from spotbatch.jobs import Job
 from spotbatch.workers.batcher import PendingJob
 from spotbatch.workers.sinks import ParquetSink
 
-__all__ = ["PartedJob", "PartPlanner", "part_bounds"]
+__all__ = ["PartedJob", "PartFeed", "PartPlanner", "part_bounds"]
 
 
 def part_bounds(rows: int, parts_total: int, index: int, part_rows: int | None = None) -> tuple[int, int]:
@@ -118,27 +123,80 @@ class PartedJob:
         }, indent=1).encode()
 
 
+class PartFeed:
+    """The unfinished parts of one URI job, read from its input in order, one at a time.
+
+    The owner thread asks for the next part when its backlog has room and runs
+    :meth:`read_next` on the I/O pool; only one read per job is ever in flight.
+    """
+
+    def __init__(self, parted: PartedJob, reader: RowReader, parts: list[int], params: dict, epoch: int,
+                 check_rows: Callable[[list[str], list[Any]], None]) -> None:
+        self.parent, self._reader, self._parts = parted, reader, deque(parts)
+        self._params, self._epoch, self._check_rows = params, epoch, check_rows
+        self._lock = threading.Lock()  # close() may come from the owner while a read runs
+        self._closed = False
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
+    @property
+    def parts_left(self) -> int:
+        return len(self._parts)
+
+    @property
+    def next_rows(self) -> int:
+        """Rows the next read brings into memory (0 when none is left)."""
+        if not self._parts:
+            return 0
+        start, stop = self.parent.bounds(self._parts[0])
+        return stop - start
+
+    def read_next(self) -> PendingJob:
+        """Read the next part (I/O thread); the input closes after the last one."""
+        with self._lock:
+            index = self._parts.popleft()
+            start, stop = self.parent.bounds(index)
+            try:
+                ids, values = self._reader.read(start, stop)
+                self._check_rows(ids, values)
+            finally:
+                if not self._parts:
+                    self._close_locked()
+        return PendingJob(self.parent.job, self.parent.record, ids, values, self.parent.part_uri(index),
+                          self._params, epoch=self._epoch, parent=self.parent, part=index)
+
+    def close(self) -> None:
+        """Stop reading (a drain, a revoke, a failed part): waits for a read in flight."""
+        with self._lock:
+            self._parts.clear()
+            self._close_locked()
+
+    def _close_locked(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._reader.close()
+
+
 class PartPlanner:
-    """Turns a loaded URI job into the PendingJobs of its unfinished parts (I/O thread)."""
+    """Turns an opened URI job into the feed of its unfinished parts (I/O thread)."""
 
     def __init__(self, store: CheckpointStore, sink: ParquetSink, interval: CheckpointInterval, *,
                  owner: str, max_attempts: int, rows_per_s: Callable[[], float | None]) -> None:
         self.store, self.sink, self.interval = store, sink, interval
         self.owner, self.max_attempts, self._rows_per_s = owner, max_attempts, rows_per_s
 
-    def plan(self, job: Job, record: Any, ids: list[str], values: list[Any], params: dict, epoch: int) -> list[PendingJob]:
-        """The parts still to do; [] when a previous owner already finished the job."""
-        parted = self._take_up(job, record, len(ids))
+    def plan(self, job: Job, record: Any, reader: RowReader, rows: int, params: dict, epoch: int,
+             check_rows: Callable[[list[str], list[Any]], None]) -> PartFeed | None:
+        """The feed of the parts still to do; None when a previous owner already
+        finished the job. The feed owns ``reader`` from here on."""
+        parted = self._take_up(job, record, rows)
         if parted.progress.complete:
             if not self.sink.exists(parted.manifest_uri):  # died between checkpoint and manifest
                 self.sink.write_bytes(parted.manifest_uri, parted._manifest())  # noqa: SLF001
-            return []
-        pending = []
-        for i in parted.progress.pending_parts():
-            start, stop = parted.bounds(i)
-            pending.append(PendingJob(job, record, ids[start:stop], values[start:stop], parted.part_uri(i), params,
-                                      epoch=epoch, parent=parted, part=i))
-        return pending
+            return None
+        return PartFeed(parted, reader, parted.progress.pending_parts(), params, epoch, check_rows)
 
     def _take_up(self, job: Job, record: Any, rows: int) -> PartedJob:
         """Load or create the checkpoint and record this attempt; poison jobs raise."""

@@ -26,16 +26,20 @@ from spotbatch import chaos
 from spotbatch.config import Settings
 from spotbatch.errors import JobError, job_error_from
 from spotbatch.input_access import InputPolicy
+from spotbatch.inputs import InputLimits
 from spotbatch.jobs import InlineInputs, Job, parse_job
 from spotbatch.kafka_security import client_options
 from spotbatch.retry import kafka_retry, model_retry
 from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, store_for_checkpoints
+from spotbatch.storage import join_uri, store_for
+from spotbatch.workers.admission import Admission
+from spotbatch.workers.attempts import AttemptLedger
 from spotbatch.workers.batcher import Batcher, PendingJob
 from spotbatch.workers.inference import BatchResult, InferenceThread
 from spotbatch.workers.intake import Intake
 from spotbatch.workers.metrics import WorkerMetrics
 from spotbatch.workers.offsets import OffsetTracker
-from spotbatch.workers.parts import PartPlanner
+from spotbatch.workers.parts import PartFeed, PartPlanner
 from spotbatch.workers.streams import SideStreams
 from spotbatch.workers.usage import UsageMeter
 
@@ -48,6 +52,7 @@ _POLL_HUNGRY_MS = 20  # the model is about to run dry: stage more batches soon
 _POLL_BUSY_MS = 50  # batches are staged; longer turns leave the GIL to inference
 _BURST_DONE = "burst: caught up"  # a planned stop, not an interruption
 _FINAL_RESERVE_S = 3.0  # of the drain deadline, kept for commit + flush + leave
+_MAX_OPEN_INPUTS = 4  # URI jobs being read at once; a partition waits at the next one
 
 
 @dataclass
@@ -59,6 +64,20 @@ class _Load:
     job: Job
     rows: int  # what it will add to the backlog (a guess for a file not read yet)
     future: Future
+
+
+@dataclass(eq=False)
+class _Feed:
+    """A URI job whose parts are read as the backlog has room; ``read``: the one in flight."""
+
+    feed: PartFeed
+    read: Future | None = None
+    rows: int = 0  # rows the read in flight brings
+
+    @property
+    def tp(self) -> TopicPartition:
+        record = self.feed.parent.record
+        return TopicPartition(record.topic, record.partition)
 
 
 @dataclass
@@ -109,9 +128,13 @@ class Worker:
         planner = PartPlanner(checkpoints or store_for_checkpoints(settings.checkpoint_location()), sink,
                               self.interval, owner=self.worker_id, max_attempts=settings.max_attempts,
                               rows_per_s=lambda: self._rows_per_s)
-        self._intake = Intake(handler, sink, aliases=(settings.model,), planner=planner,
-                              inputs=InputPolicy(settings.input_prefixes), max_input_bytes=settings.max_input_bytes)
+        limits = InputLimits(max_line_bytes=settings.max_line_bytes, max_document_bytes=settings.max_document_bytes,
+                             read_timeout_s=settings.input_read_timeout_s)
+        self._intake = Intake(handler, sink, planner, aliases=(settings.model,),
+                              inputs=InputPolicy(settings.input_prefixes), limits=limits)
         self._live: set[PendingJob] = set()  # accepted units not yet durable or failed
+        ledger_root = join_uri(settings.checkpoint_location(), "_attempts")
+        self._ledger = AttemptLedger(store_for(ledger_root), ledger_root, self.worker_id, settings.max_attempts)
         self._stop_reason = "stop requested"
         self._sink = sink
         # Stage as many closed batches as the backlog allows: a fast model (GPU) must not
@@ -120,7 +143,10 @@ class Worker:
         self._inference = InferenceThread(model_retry(run_batch), max_in_flight=staged)
         # Reads, output lookups (one per job: a HEAD on S3) and writes; lookups are short.
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="io")
+        self._admission = Admission(self._ledger, self._io, max_batch_rows=settings.max_batch_rows)
         self._loads: list[_Load] = []
+        self._feeds: list[_Feed] = []  # URI jobs with parts still to read, oldest first
+        self._waiting_for_inputs: set[TopicPartition] = set()  # paused at a URI job: _MAX_OPEN_INPUTS
         self._writes: list[tuple[PendingJob, float, Future]] = []
         # (record, epoch, kafka futures): a job's offset is done once its DLQ entry and
         # status record are acknowledged, so a crash after the commit cannot drop them.
@@ -196,6 +222,9 @@ class Worker:
         # They stay in _live, so the interruption record counts their inferred rows.
         self._batcher.drop(lambda unit: unit.parent is None)
         releases = [self._io.submit(parent.release) for parent in self._unfinished_parted_jobs()]
+        releases += [self._io.submit(self._ledger.release, tp.topic, tp.partition) for tp in self._owned]
+        self._drop_feeds(lambda feed: True)
+        self._forget(self._admission.drop(lambda unit: False))  # suspects wait for the next owner
         while self._busy() and time.monotonic() < deadline - _FINAL_RESERVE_S:
             self._turn(draining=True)
         if self._busy():
@@ -229,6 +258,9 @@ class Worker:
                     self._consumer.seek(tp, record.offset)
                     break
         self._collect_loads()
+        self._collect_recorded()
+        self._collect_parts()
+        self._pull_parts()
         self._collect_results()
         self._feed_inference(force=draining)
         self._collect_writes()
@@ -246,20 +278,38 @@ class Worker:
             if kind == "assigned":
                 self._epoch += 1
                 self._owned.update({tp: self._epoch for tp in tps})
-                rewound.update(self._rewind(tps))
+                targets = self._rewind(tps)
+                rewound.update(targets)
+                self._load_ledgers(targets)
                 log.info("assigned %s", sorted(tp.partition for tp in tps))
                 continue
             for parent in self._unfinished_parted_jobs(in_partitions=tps):  # not the job's fault
                 self._io.submit(parent.release)
+            self._drop_feeds(lambda feed: feed.tp in tps)
             for tp in tps:  # revoked or lost: forget; in-flight results become stale
+                self._release_ledger(tp)
                 self._owned.pop(tp, None)
                 self._tracker.forget(tp)
-            dropped = self._batcher.drop(self._is_current)
+            dropped = self._batcher.drop(self._is_current) + self._admission.drop(self._is_current)
             self._forget(dropped)
             if tps:
                 log.info("%s %s; abandoned %d queued jobs uncommitted", kind,
                          sorted(tp.partition for tp in tps), len(dropped))
         return rewound
+
+    def _load_ledgers(self, committed: dict[TopicPartition, int | None]) -> None:
+        """Read the attempt ledgers of newly assigned partitions before any of their jobs."""
+        loads = [self._io.submit(self._ledger.load, tp.topic, tp.partition, at) for tp, at in committed.items()]
+        for fut in loads:
+            fut.result()  # the checkpoint store is down: an infrastructure fault
+
+    def _release_ledger(self, tp: TopicPartition) -> None:
+        """A revoke is not the jobs' fault: mark our session released, then forget it."""
+        try:
+            self._ledger.release(tp.topic, tp.partition)
+        except Exception as exc:  # noqa: BLE001 - best effort: costs a poison check one attempt
+            log.warning("could not release the attempt ledger of partition %d: %s", tp.partition, exc)
+        self._ledger.forget(tp.topic, tp.partition)
 
     def _rewind(self, tps: set[TopicPartition]) -> dict[TopicPartition, int | None]:
         """Start an assigned partition at its committed offset.
@@ -276,9 +326,9 @@ class Worker:
         return targets
 
     def _backlog_rows(self) -> int:
-        """Rows accepted and not yet inferred; a file not read yet counts as one batch."""
-        loading = sum(load.rows for load in self._loads)
-        return self._batcher.pending_rows + self._inference.rows_in_flight + loading
+        """Rows accepted and not yet inferred; a file not opened yet counts as one batch."""
+        loading = sum(load.rows for load in self._loads) + sum(feed.rows for feed in self._feeds)
+        return self._batcher.pending_rows + self._inference.rows_in_flight + loading + self._admission.rows
 
     def _room_in_records(self) -> int:
         """Records one poll may return without overshooting max_pending_rows by much."""
@@ -292,18 +342,22 @@ class Worker:
             log.info("rebalance hold over: resuming %d held partitions", len(self._held))
             self._held.clear()
         self._held &= assigned
+        if self._open_inputs() < _MAX_OPEN_INPUTS:
+            self._waiting_for_inputs.clear()
+        waiting = (self._held | self._waiting_for_inputs) & assigned
         if draining or self._backlog_rows() >= self.settings.max_pending_rows:
             self._consumer.pause(*assigned)
         else:
-            self._consumer.pause(*self._held)
-            if resumable := self._consumer.paused() - self._held:
+            self._consumer.pause(*waiting)
+            if resumable := self._consumer.paused() - waiting:
                 self._consumer.resume(*resumable)
         self.metrics.pending_rows.set(self._batcher.pending_rows)
 
     def _poll_ms(self) -> int:
         if self._inference.in_flight and self._inference.hungry and len(self._batcher):
             return _POLL_HUNGRY_MS
-        if self._inference.in_flight or self._loads or self._writes:
+        if (self._inference.in_flight or self._loads or self._writes or len(self._admission)
+                or any(f.read for f in self._feeds)):
             return _POLL_BUSY_MS
         due = self._batcher.seconds_until_due()
         return _POLL_IDLE_MS if due is None else max(1, min(_POLL_IDLE_MS, int(due * 1000)))
@@ -321,7 +375,7 @@ class Worker:
             self._tracker.seen(tp, record.offset)
             self._dead_letter(record, epoch, job_error_from(exc))
             return True
-        if self._hold_large_jobs(tp, job):
+        if self._hold_large_jobs(tp, job) or self._no_room_for_input(tp, job):
             return False
         self._tracker.seen(tp, record.offset)
         try:
@@ -349,6 +403,54 @@ class Worker:
         self._held.add(tp)
         return True
 
+    def _open_inputs(self) -> int:
+        return len(self._feeds) + sum(1 for load in self._loads if Intake.needs_io(load.job))
+
+    def _no_room_for_input(self, tp: TopicPartition, job: Job) -> bool:
+        """Each URI job holds an open input until its last part is read: a partition
+        waits at the next one while _MAX_OPEN_INPUTS are open."""
+        if not Intake.needs_io(job) or self._open_inputs() < _MAX_OPEN_INPUTS:
+            return False
+        self._waiting_for_inputs.add(tp)
+        return True
+
+    def _pull_parts(self) -> None:
+        """Read URI jobs' next parts while the backlog has room, oldest job first and one
+        read per job at a time: a job of any size holds a few parts in memory."""
+        for feed in self._feeds:
+            if feed.read is not None or feed.feed.parent.failed or not feed.feed.parts_left:
+                continue
+            backlog, rows = self._backlog_rows(), feed.feed.next_rows
+            if backlog and backlog + rows > self.settings.max_pending_rows:
+                return
+            feed.rows, feed.read = rows, self._io.submit(feed.feed.read_next)
+
+    def _collect_parts(self) -> None:
+        for feed in [f for f in self._feeds if f.read is not None and f.read.done()]:
+            read, feed.read, feed.rows = feed.read, None, 0
+            parent = feed.feed.parent
+            try:
+                unit = read.result()
+            except Exception as exc:  # noqa: BLE001 - infrastructure faults re-raise below
+                self._drop_feeds(lambda f: f is feed)
+                if self._owned.get(feed.tp) == feed.feed.epoch and not parent.failed:
+                    parent.failed = True
+                    self._dead_letter(parent.record, feed.feed.epoch, job_error_from(exc, default="input_invalid"),
+                                      parent.job.job_id)
+                continue
+            if not feed.feed.parts_left or parent.failed:
+                self._drop_feeds(lambda f: f is feed)
+            if self._is_current(unit) and not _failed(unit):
+                self._live.add(unit)
+                self._batcher.add(unit)
+
+    def _drop_feeds(self, which) -> None:
+        """Stop reading these jobs' inputs (closed on the I/O pool: a read may be running)."""
+        dropped = [feed for feed in self._feeds if which(feed)]
+        self._feeds = [feed for feed in self._feeds if feed not in dropped]
+        for feed in dropped:
+            self._io.submit(feed.feed.close)
+
     def _collect_loads(self) -> None:
         for load in _take_done(self._loads, lambda item: item.future):
             try:
@@ -359,26 +461,57 @@ class Worker:
             if self._owned.get(TopicPartition(load.record.topic, load.record.partition)) == load.epoch:
                 self._add(load.record, load.epoch, load.job, units)
 
-    def _add(self, record: Any, epoch: int, job: Job, units: list[PendingJob]) -> None:
+    def _add(self, record: Any, epoch: int, job: Job, units: list[PendingJob] | PartFeed) -> None:
         if not units:  # a previous owner made it durable but did not commit: report, commit
             log.info("job %s already complete (output found); committing", job.job_id)
             self._report_ok(record, epoch, job.job_id, output=self._intake.output_of(job), already_done=True)
             return
-        parted = units[0].parent
-        if parted is not None:  # the checkpoint interval this job runs with
-            part_rows = parted.progress.part_rows or units[0].rows
-            self.metrics.part_rows.set(part_rows)
-            tau = self.interval.interval_s()
-            log.info("job %s: %d parts to do of %d, %d rows each (checkpoint interval %s%s)", parted.job.job_id,
-                     len(units), parted.progress.parts_total, part_rows, self.settings.checkpoint_interval,
-                     f" = {tau:.0f}s" if tau else "")
         # A running mean of rows per job sizes the next poll (see _room_in_records).
-        self._rows_per_job += (sum(u.rows for u in units) - self._rows_per_job) * 0.1
+        rows = units.parent.rows if isinstance(units, PartFeed) else sum(u.rows for u in units)
+        self._rows_per_job += (rows - self._rows_per_job) * 0.1
+        if isinstance(units, PartFeed):
+            self._start_feed(units)
+            return
         for unit in units:
+            try:
+                self._admission.admit(unit)
+            except JobError as err:
+                self._dead_letter(record, epoch, err, job.job_id)
+                continue
             self._live.add(unit)
-            self._batcher.add(unit)
+
+    def _collect_recorded(self) -> None:
+        """Inline units whose attempt is recorded go to the batcher."""
+        self._admission.record(committed=self._tracker.position)
+        for unit in self._admission.recorded():
+            if self._is_current(unit) and not _failed(unit):
+                self._batcher.add(unit)
+            else:
+                self._live.discard(unit)
+
+    def _start_feed(self, feed: PartFeed) -> None:
+        parted = feed.parent
+        if self._stop_at is not None:  # draining: leave it, like the queued parts, to the next owner
+            self._io.submit(parted.release)
+            self._io.submit(feed.close)
+            return
+        part_rows = parted.progress.part_rows or parted.bounds(0)[1]
+        self.metrics.part_rows.set(part_rows)
+        tau = self.interval.interval_s()  # the checkpoint interval this job runs with
+        log.info("job %s: %d parts to do of %d, %d rows each (checkpoint interval %s%s)", parted.job.job_id,
+                 feed.parts_left, parted.progress.parts_total, part_rows, self.settings.checkpoint_interval,
+                 f" = {tau:.0f}s" if tau else "")
+        self._feeds.append(_Feed(feed))
 
     def _feed_inference(self, force: bool) -> None:
+        if self._admission.isolating:  # a suspect: alone on the model (see attempts.py)
+            while self._inference.can_take():
+                batch = self._admission.next_suspect_batch(model_idle=not self._inference.in_flight,
+                                                           done=lambda unit: unit not in self._live)
+                if batch is None:
+                    return
+                self._inference.submit(batch)
+            return
         while self._inference.can_take() and self._may_risk_another_batch():
             batch = self._batcher.next_batch(force=force)
             if batch is None:
@@ -517,8 +650,9 @@ class Worker:
         return getattr(cluster_id, "cluster_id", None) != "tansu_cluster"
 
     def _unfinished_parted_jobs(self, in_partitions: set[TopicPartition] | None = None) -> list:
-        parents = {id(u.parent): u.parent for u in self._live if u.parent is not None and not u.parent.failed
-                   and (in_partitions is None or u.tp in in_partitions)}
+        units = [(u.parent, u.tp) for u in self._live if u.parent is not None]
+        units += [(feed.feed.parent, feed.tp) for feed in self._feeds]
+        parents = {id(p): p for p, tp in units if not p.failed and (in_partitions is None or tp in in_partitions)}
         return [p for p in parents.values() if not p.progress.complete]
 
     def _forget(self, units: list[PendingJob]) -> None:
@@ -538,7 +672,8 @@ class Worker:
         return self._owned.get(job.tp) == job.epoch
 
     def _busy(self) -> bool:
-        return bool(len(self._batcher) or self._inference.in_flight or self._loads or self._writes or self._acks)
+        return bool(len(self._batcher) or self._inference.in_flight or self._loads or self._feeds or self._writes
+                    or self._acks or len(self._admission))
 
     def _position(self, tp: TopicPartition) -> int:
         """Our committable position; without records since assignment, the fetch position."""

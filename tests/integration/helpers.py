@@ -245,8 +245,9 @@ def job_rows(job: Job) -> tuple[list[str], list[str]]:
 
 
 def list_outputs(folder: Path) -> set[str]:
-    """Every entry in ``folder``, hidden temp files included ("" set if missing)."""
-    return set(os.listdir(folder)) if folder.exists() else set()
+    """Every entry in ``folder``, hidden temp files included ("" set if missing), but the
+    checkpoint store's folder (checkpoints, attempt ledgers): not outputs."""
+    return set(os.listdir(folder)) - {"_checkpoints"} if folder.exists() else set()
 
 
 def assert_job_output(table, ids: list[str], values: list[str]) -> None:

@@ -121,7 +121,7 @@ def test_invalid_flag_value_names_the_flag(flags, flag):
 def test_invalid_env_value_names_the_setting(monkeypatch):
     monkeypatch.setenv("SPOTBATCH_MAX_WAIT_MS", "soon")
     with pytest.raises(ConfigError) as info:
-        load_settings()
+        load_settings(max_wait_ms=None)  # a verb with the flag, not given
     assert "SPOTBATCH_MAX_WAIT_MS" in str(info.value)
     assert "--max-wait-ms" in str(info.value)
 
@@ -175,5 +175,18 @@ def test_input_prefixes_from_env_flags_and_yaml(monkeypatch, tmp_path):
 
 def test_bad_input_prefix_names_the_flag(monkeypatch):
     monkeypatch.setenv("SPOTBATCH_INPUT_PREFIXES", "s3://Bad_Bucket/x")
-    with pytest.raises(ConfigError, match="--input-prefix or env SPOTBATCH_INPUT_PREFIXES"):
-        load_settings()
+    with pytest.raises(ConfigError, match="--input-prefix, env SPOTBATCH_INPUT_PREFIXES"):
+        load_settings(input_prefixes=None)  # as the worker calls it: it has the flag, not given
+
+
+def test_pending_rows_derive_from_the_batch_size():
+    assert load_settings().max_pending_rows == 4096  # 8 batches of 64, floored at 4096
+    assert load_settings(max_batch_rows=1024).max_pending_rows == 8192
+    assert load_settings(max_batch_rows=1024, max_pending_rows=2048).max_pending_rows == 2048
+
+
+def test_pending_rows_below_one_batch_are_refused():
+    with pytest.raises(ConfigError) as info:
+        load_settings(max_batch_rows=1024, max_pending_rows=512)
+    assert str(info.value).startswith("max_pending_rows (512) is below max_batch_rows (1024)")
+    assert "\n" not in str(info.value)

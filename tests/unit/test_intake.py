@@ -7,11 +7,14 @@ from collections import namedtuple
 
 import pytest
 
+from spotbatch.checkpointing import CheckpointInterval
+from spotbatch.checkpointing.local import LocalCheckpointStore
 from spotbatch.errors import JobError
 from spotbatch.input_access import InputPolicy
 from spotbatch.jobs import parse_job
 from spotbatch.models.tiny import TinyHandler
 from spotbatch.workers.intake import Intake
+from spotbatch.workers.parts import PartFeed, PartPlanner
 from spotbatch.workers.sinks import ParquetSink
 
 Record = namedtuple("Record", "topic partition offset key value headers")
@@ -24,7 +27,23 @@ def root(tmp_path):
 
 @pytest.fixture
 def intake(root, tmp_path):
-    return Intake(TinyHandler(), ParquetSink(root), inputs=InputPolicy([str(tmp_path)]))
+    sink = ParquetSink(root)
+    planner = PartPlanner(LocalCheckpointStore(tmp_path / "ckpt"), sink, CheckpointInterval("2rows"),
+                          owner="test", max_attempts=3, rows_per_s=lambda: None)
+    return Intake(TinyHandler(), sink, planner, inputs=InputPolicy([str(tmp_path)]))
+
+
+def _read_all(feed: PartFeed) -> list:
+    """Every part of a URI job, read as the worker reads them: one at a time, in order."""
+    parts = []
+    while feed.parts_left:
+        parts.append(feed.read_next())
+    return parts
+
+
+def _rows_of(intake, job, record) -> tuple[list, list]:
+    parts = _read_all(intake.build(job, record, epoch=1))
+    return [i for p in parts for i in p.ids], [v for p in parts for v in p.values]
 
 
 def _job(**over):
@@ -106,27 +125,27 @@ def test_jsonl_uri_job_reads_ids_and_values(intake, root, tmp_path):
     ]) + "\n")
     job, record = _job(inputs={"uri": str(path)})
     assert Intake.needs_io(job)
-    (pending,) = intake.build(job, record, epoch=1)
-    assert pending.ids == ["1", "b", "3"]
-    assert pending.values == ["first", "second", "third"]
-    assert pending.output_uri == f"{root}/job-1.parquet"
-    assert pending.rows == 3
+    first, second = _read_all(intake.build(job, record, epoch=1))  # parts of 2 rows
+    assert (first.ids, first.values, first.part) == (["1", "b"], ["first", "second"], 0)
+    assert (second.ids, second.values, second.part) == (["3"], ["third"], 1)
+    assert first.output_uri == f"{root}/job-1/part-00000.parquet"
+    assert first.epoch == second.epoch == 1
 
 
 def test_jsonl_uri_job_with_named_columns(intake, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"key": "k1", "body": "hi", "text": "not this"}) + "\n")
     job, record = _job(inputs={"uri": f"file://{path}", "id_column": "key", "input_column": "body"})
-    (pending,) = intake.build(job, record, epoch=0)
-    assert (pending.ids, pending.values) == (["k1"], ["hi"])
+    assert _rows_of(intake, job, record) == (["k1"], ["hi"])
 
 
 def test_uri_job_rows_are_checked_too(intake, tmp_path):
     path = tmp_path / "in.jsonl"
     path.write_text(json.dumps({"id": "ok", "text": "a"}) + "\n" + json.dumps({"id": "bad", "text": 5}) + "\n")
     job, record = _job(inputs={"uri": str(path)})
-    err = _error(intake, job, record)
-    assert err.code == "row_rejected" and "'bad'" in err.reason
+    with pytest.raises(JobError) as info:
+        _rows_of(intake, job, record)  # checked part by part, as each is read
+    assert info.value.code == "row_rejected" and "'bad'" in info.value.reason
 
 
 def test_missing_input_file(intake, tmp_path):

@@ -17,6 +17,7 @@ import yaml
 
 from spotbatch.config import ConfigError, load_settings
 from tests.k8s_render import (
+    strict_schema,
     HYBRID_OVERLAYS, KEDA_REF, OVERLAYS, cloud_of, config_data, container_port, find, objects,
     pod_containers, render,
 )
@@ -61,26 +62,6 @@ def test_strict_core_validation_rejects_an_unknown_field():
         kubernetes_validate.validate(deployment, K8S_VERSION, strict=True)
 
 
-def _strict(schema: dict) -> dict:
-    """The CRD schema with unknown fields rejected: the API server would silently prune
-    them (a typo'd `minReplicaCount` must fail here, not vanish in the cluster)."""
-    schema = copy.deepcopy(schema)
-
-    def walk(node: object) -> None:
-        if isinstance(node, dict):
-            if ("properties" in node and "additionalProperties" not in node
-                    and not node.get("x-kubernetes-preserve-unknown-fields")):
-                node["additionalProperties"] = False
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list):
-            for value in node:
-                walk(value)
-
-    walk(schema)
-    return schema
-
-
 @functools.lru_cache(maxsize=None)
 def _keda_validator(kind: str) -> tuple[str, jsonschema.protocols.Validator]:
     if not KEDA_REF.is_dir():
@@ -88,7 +69,7 @@ def _keda_validator(kind: str) -> tuple[str, jsonschema.protocols.Validator]:
                     "put KEDA's CRD YAMLs there to validate ScaledObject/TriggerAuthentication")
     crd = yaml.safe_load((KEDA_REF / KEDA_CRDS[kind]).read_text())
     version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
-    schema = _strict(version["schema"]["openAPIV3Schema"])
+    schema = strict_schema(version["schema"]["openAPIV3Schema"])
     return f"{crd['spec']['group']}/{version['name']}", jsonschema.Draft7Validator(schema)
 
 

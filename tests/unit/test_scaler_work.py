@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -81,11 +82,24 @@ def test_row_counter_caches_uri_counts_by_job_id():
 
 
 def test_row_counter_missing_file_counts_zero_and_retries(tmp_path):
-    counter = RowCounter()
+    counter = RowCounter(input_prefixes=[str(tmp_path)])
     job = _job("u1", uri=str(tmp_path / "later.jsonl"))
     assert counter.job_rows(job).rows == 0
     (tmp_path / "later.jsonl").write_text('{"id": "1"}\n')
     assert counter.job_rows(job).rows == 1
+
+
+def test_row_counter_reads_only_where_workers_may(tmp_path):
+    inside, outside = tmp_path / "in", tmp_path / "secret"
+    inside.mkdir(), outside.mkdir()
+    for folder in (inside, outside):
+        (folder / "a.jsonl").write_text('{"id": "1"}\n{"id": "2"}\n')
+    os.mkfifo(inside / "pipe.jsonl")  # would block an open() without O_NONBLOCK
+    counter = RowCounter(input_prefixes=[str(inside)])
+    assert counter.job_rows(_job("ok", uri=str(inside / "a.jsonl"))).rows == 2
+    assert counter.job_rows(_job("out", uri=str(outside / "a.jsonl"))).rows == 0
+    assert counter.job_rows(_job("fifo", uri=str(inside / "pipe.jsonl"))).rows == 0
+    assert RowCounter().job_rows(_job("none", uri=str(inside / "a.jsonl"))).rows == 0  # no prefixes: none
 
 
 class FakeReader:
@@ -113,7 +127,7 @@ def test_pending_work_reads_each_message_once_and_counts_checkpoints(tmp_path):
     logs = {("jobs", 0): [_job("a", rows=3), _job("u1", uri=str(tmp_path / "big.parquet"))],
             ("jobs", 1): [_job("b", rows=5)]}
     reader = FakeReader(logs)
-    work = PendingWork(reader, checkpoints=store)
+    work = PendingWork(reader, checkpoints=store, counter=RowCounter(input_prefixes=[str(tmp_path)]))
     ends = reader.log_ends(["jobs"])
     assert work.pending({}, ends) == 3 + 75 + 5
     assert work.pending({("jobs", 0): 1}, ends) == 75 + 5  # "a" committed

@@ -73,10 +73,28 @@ if os.environ.get("SPOTBATCH_TEST_SLOW_READ"):
     import spotbatch.workers.intake as _intake
 
     _delay_s = float(os.environ["SPOTBATCH_TEST_SLOW_READ"])
-    _read_rows = _intake.read_rows
+    _open_input = _intake.open_input
 
-    def _slow_read_rows(*args, **kwargs):
+    def _slow_open_input(*args, **kwargs):
         time.sleep(_delay_s)
-        return _read_rows(*args, **kwargs)
+        return _open_input(*args, **kwargs)
 
-    _intake.read_rows = _slow_read_rows
+    _intake.open_input = _slow_open_input
+
+# With ``SPOTBATCH_TEST_KILL_ON=<prefix>``, a model call given a row whose text starts
+# with the prefix SIGKILLs the worker before the model runs: what a native crash in the
+# model or the kernel's OOM killer does, beyond any exception boundary.
+if os.environ.get("SPOTBATCH_TEST_KILL_ON"):
+    import signal
+
+    from spotbatch.models.runner import BatchRunner
+
+    _marker = os.environ["SPOTBATCH_TEST_KILL_ON"]
+    _run_unkilled = BatchRunner.run
+
+    def _killing_run(self, values, params):
+        if any(isinstance(v, str) and v.startswith(_marker) for v in values):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return _run_unkilled(self, values, params)
+
+    BatchRunner.run = _killing_run
