@@ -9,10 +9,12 @@ redelivered job overwrite its own output and never leave a partial or second cop
 
 from __future__ import annotations
 
+import ctypes
 import functools
 import os
 import posixpath
 import re
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -169,6 +171,10 @@ class ObjectStore(Protocol):
 
     def write_atomic(self, uri: str, data: bytes) -> None: ...
 
+    def write_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Several atomic writes, all durable when it returns (stores may group the cost)."""
+        ...
+
     def exists(self, uri: str) -> bool: ...
 
 
@@ -207,6 +213,56 @@ class LocalStore:
             _remove_quietly(tmp)
             raise
         _fsync_dir(folder)  # makes the rename itself survive a power cut
+
+    def write_many(self, items: list[tuple[str, bytes]]) -> None:
+        """Atomic writes made durable together: small outputs are fsync-bound (a file
+        fsync plus a folder fsync, ~5 ms here, per file), so a group of files is synced
+        with one syncfs before its renames and one after (Linux; else fsync each)."""
+        staged = []
+        try:
+            for uri, data in items:
+                path = _expect(uri, "file").path
+                os.makedirs(os.path.dirname(path), exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
+                                           suffix=".tmp")
+                staged.append((tmp, path))
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            _sync_all([tmp for tmp, _ in staged])  # the data first: a rename must never expose an empty file
+            for tmp, path in staged:
+                os.replace(tmp, path)
+        except BaseException:
+            for tmp, _ in staged:
+                _remove_quietly(tmp)
+            raise
+        _sync_all(sorted({os.path.dirname(path) for _, path in staged}))  # then the renames
+
+
+def _sync_all(paths: list[str]) -> None:
+    """Make these files' (or folders') contents durable: one syncfs per file system
+    they lie on where Linux has it, else one fsync each."""
+    if _SYNCFS is not None:
+        paths = list({os.stat(path).st_dev: path for path in paths}.values())
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            if _SYNCFS is None:
+                os.fsync(fd)
+            elif _SYNCFS(fd) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, f"syncfs {path}: {os.strerror(err)}")
+        finally:
+            os.close(fd)
+
+
+def _load_syncfs():
+    try:
+        return getattr(ctypes.CDLL(None, use_errno=True), "syncfs", None)
+    except OSError:
+        return None
+
+
+_SYNCFS = _load_syncfs() if sys.platform.startswith("linux") else None
 
 
 def _remove_quietly(path: str) -> None:
@@ -286,6 +342,10 @@ class S3Store:
         loc = _expect(uri, "s3")
         self._put(loc.bucket, loc.path, data)
 
+    def write_many(self, items: list[tuple[str, bytes]]) -> None:
+        for uri, data in items:  # each PUT is durable when acknowledged
+            self.write_atomic(uri, data)
+
     def open_read(self, uri: str, *, refused: Callable[[Exception], Exception] | None = None) -> BinaryIO:
         """A seekable reader of the object that fetches it block by block (ranged GETs).
 
@@ -362,6 +422,10 @@ class MemoryStore:
     def write_atomic(self, uri: str, data: bytes) -> None:
         with self._lock:
             self.objects[normalize_uri(uri)] = bytes(data)
+
+    def write_many(self, items: list[tuple[str, bytes]]) -> None:
+        for uri, data in items:
+            self.write_atomic(uri, data)
 
     def exists(self, uri: str) -> bool:
         return normalize_uri(uri) in self.objects

@@ -343,7 +343,7 @@ def plan(
     runners_up: int = typer.Option(5, "--runners-up", min=0, help="How many runners-up to show."),
     spot_trace: Optional[List[Path]] = cs.SpotTraceOpt, replicas_per_zone: Optional[int] = cs.ReplicasPerZoneOpt,
     spot_trace_fit: str = cs.FitOpt, trace_starts: str = cs.TraceStartsOpt, zone_counts: Optional[str] = cs.ZoneCountsOpt,
-    placements: str = cs.PlacementsOpt, zone_window: str = cs.ZoneWindowOpt,
+    placements: str = cs.PlacementsOpt, zone_window: str = cs.ZoneWindowOpt, plot: Optional[Path] = cs.PlanPlotOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Recommend the cheapest baseline + fallback cap (with --spot-trace: and placement and zone
@@ -355,6 +355,7 @@ def plan(
     from spotbatch.scheduler import plan as pl
 
     seed_list = _ints(seeds, "--seeds")
+    cs.check_plot(plot)
     spot_traces = cs.load_or_fail(spot_trace, spot_trace_fit, spot_capacity)
     placement_list = cs.placements_or_fail(placements)
     workload, sim, market, price = _scenario(
@@ -387,6 +388,9 @@ def plan(
                            template=_pool_template(unready_grace, interruption_rate_max, recover), jobs=jobs,
                            progress=tick, windows=windows, zone_counts=_ints(zone_counts, "--zone-counts") if zone_counts else None,
                            placements=placement_list)
+    if plot is not None and result.recommended is not None:
+        cs.plot_pick(plot, result.recommended, workload, sim=sim, market=market, price=price, seed=seed_list[0],
+                     windows=windows)
     if as_json:
         print(json.dumps(pl.plan_json(result, runners_up=runners_up)))
     else:

@@ -9,7 +9,7 @@ from typing import List, Optional
 import typer
 
 __all__ = ["SpotTraceOpt", "ReplicasPerZoneOpt", "FitOpt", "ZoneWindowOpt", "TraceStartOpt", "TraceStartsOpt",
-           "ZoneCountsOpt", "PlacementsOpt", "PlotOpt", "load_or_fail", "fit_workload", "simulate_zones",
+           "ZoneCountsOpt", "PlacementsOpt", "PlotOpt", "PlanPlotOpt", "load_or_fail", "plot_pick", "fit_workload", "simulate_zones",
            "plan_windows", "placements_or_fail", "check_plot"]
 
 SpotTraceOpt = typer.Option(
@@ -41,6 +41,8 @@ ZoneCountsOpt = typer.Option(
          "a third, two thirds, all).")
 PlacementsOpt = typer.Option("spread,zone-aware", "--placements", help="With --spot-trace: spot placements to try.")
 PlotOpt = typer.Option(None, "--plot", help="Also write a PNG of spot capacity, replicas per pool and backlog over time.")
+PlanPlotOpt = typer.Option(None, "--plot", help="Also write a PNG of the recommended setting on the first trace window: "
+                                                "spot capacity, replicas per pool and backlog over time.")
 
 
 def _fail(message: str) -> None:
@@ -128,3 +130,16 @@ def placements_or_fail(text: str) -> list[str]:
 def check_plot(plot: Optional[Path]) -> None:
     if plot is not None and plot.suffix.lower() != ".png":
         _fail(f"--plot {plot} must name a .png file, e.g. --plot capacity.png")
+
+
+def plot_pick(path: Path, best, workload, *, sim, market, price, seed: int, windows) -> None:
+    """``plan --plot``: re-simulate the recommendation (first window, its zones) over time."""
+    from spotbatch.scheduler import simulate as sm
+    from spotbatch.scheduler.sim_plot import plot_timelines
+
+    zones = windows.capacity(0, len(best.zones)) if windows is not None else None
+    name = f"{best.placement} {best.pools.baseline} + fallback {best.pools.fallback_cap}"
+    _, timeline = sm.simulate_timeline(workload, sm.Policy(name, best.pools, best.placement), sim=sim, market=market,
+                                       price=price, seed=seed, zones=zones)
+    where = zones.describe() if zones is not None else "synthetic market"
+    plot_timelines(path, [(name, timeline)], title=f"plan's pick on {workload.name}, seed {seed}; {where}")

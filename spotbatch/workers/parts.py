@@ -105,6 +105,11 @@ class PartedJob:
                 except StaleCheckpoint:
                     self._merge(self.store.load(self.job.job_id))
 
+    def discard(self) -> None:
+        """The job was dead-lettered: forget its progress, so that a fixed and
+        republished job starts afresh (its part files stay, outside any manifest)."""
+        self.store.delete(self.job.job_id)
+
     def _merge(self, theirs: Progress | None) -> None:
         if theirs is None:  # deleted under us: start the record afresh, keeping our parts
             self.progress = self.progress.model_copy(update={"generation": 0})

@@ -74,6 +74,12 @@ class ParquetSink:
         data = _to_parquet_bytes(build_table(ids, columns))
         self._store_for(uri).write_atomic(uri, data)
 
+    def write_many(self, outputs: list[tuple[str, list[str], dict[str, np.ndarray]]]) -> None:
+        """Several outputs (uri, ids, columns) made durable together (one sync for all)."""
+        if outputs:
+            items = [(uri, _to_parquet_bytes(build_table(ids, columns))) for uri, ids, columns in outputs]
+            self._store_for(items[0][0]).write_many(items)  # outputs share root's store
+
     def _store_for(self, uri: str) -> ObjectStore:
         return self._store if self._store is not None else store_for(uri)
 

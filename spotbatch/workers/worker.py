@@ -434,7 +434,7 @@ class Worker:
             except Exception as exc:  # noqa: BLE001 - infrastructure faults re-raise below
                 self._drop_feeds(lambda f: f is feed)
                 if self._owned.get(feed.tp) == feed.feed.epoch and not parent.failed:
-                    parent.failed = True
+                    self._fail_parted(parent)
                     self._dead_letter(parent.record, feed.feed.epoch, job_error_from(exc, default="input_invalid"),
                                       parent.job.job_id)
                 continue
@@ -443,6 +443,10 @@ class Worker:
             if self._is_current(unit) and not _failed(unit):
                 self._live.add(unit)
                 self._batcher.add(unit)
+
+    def _fail_parted(self, parent) -> None:
+        parent.failed = True
+        self._io.submit(parent.discard)
 
     def _drop_feeds(self, which) -> None:
         """Stop reading these jobs' inputs (closed on the I/O pool: a read may be running)."""
@@ -532,6 +536,7 @@ class Worker:
         return at_risk + self.settings.max_batch_rows <= limit
 
     def _collect_results(self) -> None:
+        inline = []  # completed inline jobs: written together, one sync for all
         for result in self._inference.results():
             self._account(result)
             for seg, outputs in result.parts:
@@ -540,24 +545,34 @@ class Worker:
                     self._live.discard(job)
                     continue
                 job.add_part(seg.start, outputs)
-                if job.complete:
-                    self._writes.append((job, time.monotonic(), self._io.submit(self._write, job)))
+                if job.complete and job.parent is None:
+                    inline.append(job)
+                elif job.complete:
+                    self._writes.append((job, time.monotonic(), self._io.submit(self._write_part, job)))
             for job, err in result.failures:
                 if self._is_current(job) and not _failed(job):
                     job.failed = True
                     if job.parent is not None:
-                        job.parent.failed = True
+                        self._fail_parted(job.parent)
                     self._dead_letter(job.record, job.epoch, err, job.job.job_id)
                 self._live.discard(job)
+        if inline:
+            written = self._io.submit(self._write_inline, inline)
+            self._writes += [(job, time.monotonic(), written) for job in inline]
 
-    def _write(self, job: PendingJob) -> bool:
-        """Make a unit durable (I/O thread); True when its whole job is now complete."""
+    def _write_inline(self, jobs: list[PendingJob]) -> bool:
+        """Make inline jobs durable together (I/O thread). Their outputs are their
+        checkpoints, so the group's cost sizes the checkpoint interval too."""
         started = time.monotonic()
-        self._sink.write(job.output_uri, job.ids, job.outputs())
-        if job.parent is None:  # an inline job's output is its checkpoint: it sizes the interval too
-            self.interval.observe_cost(time.monotonic() - started)
+        self._sink.write_many([(job.output_uri, job.ids, job.outputs()) for job in jobs])
+        self.interval.observe_cost(time.monotonic() - started)
+        for _ in jobs:
             chaos.reached("after_write")
-            return True
+        return True
+
+    def _write_part(self, job: PendingJob) -> bool:
+        """Make a part durable and checkpoint it (I/O thread); True once its job is complete."""
+        self._sink.write(job.output_uri, job.ids, job.outputs())
         complete, cost_s = job.parent.part_done(job.part, job.rows)
         self.interval.observe_cost(cost_s)
         chaos.reached("after_write")

@@ -226,8 +226,10 @@ def verify_outputs(objects: dict[str, bytes], workload: Workload, refs: dict, ou
     expected, tolerated = set(refs), set()
     for job in workload.uri:
         expected |= {sink.manifest_uri(job.job_id, None), checkpoint_uri(output_root, job.job_id)}
-        # The local checkpoint store serialises saves with flock on <job_id>.lock.
-        tolerated.add(checkpoint_uri(output_root, job.job_id).removesuffix(".json") + ".lock")
+    for job_id in [job.job_id for job in workload.uri] + [bad.name for bad in workload.bad]:
+        # The local checkpoint store serialises saves with flock on <job_id>.lock, and keeps
+        # the lock file when a dead-lettered job's checkpoint is deleted.
+        tolerated.add(checkpoint_uri(output_root, job_id).removesuffix(".json") + ".lock")
     missing, extra = sorted(expected - set(objects)), sorted(set(objects) - expected - tolerated)
     assert not missing and not extra, f"missing outputs {missing[:10]}; unexpected objects {extra[:10]}"
     for uri, (ref_bytes, ids, emb) in refs.items():
@@ -250,16 +252,26 @@ def checkpoint_uri(output_root: str, job_id: str) -> str:
     return join_uri(join_uri(output_root, "_checkpoints"), f"{job_id}.json")
 
 
+def is_ledger(uri: str) -> bool:
+    """The inline jobs' attempt ledgers (spotbatch/workers/attempts.py): bookkeeping
+    every run writes, not outputs."""
+    return "/_checkpoints/_attempts/" in uri
+
+
 def local_objects(root: Path) -> dict[str, bytes]:
-    """Every file under a local output root (hidden temp files too): path -> bytes."""
-    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+    """Every file under a local output root (hidden temp files too), but the attempt
+    ledgers: path -> bytes."""
+    return {str(p): p.read_bytes() for p in root.rglob("*") if p.is_file() and not is_ledger(str(p))}
 
 
 def s3_objects(s3_client, bucket: str, prefix: str) -> dict[str, bytes]:
-    """Every object under ``s3://bucket/prefix``: URI -> bytes (latest versions)."""
+    """Every object under ``s3://bucket/prefix`` but the attempt ledgers: URI -> bytes
+    (latest versions)."""
     found = {}
     for page in s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
         for obj in page.get("Contents", []):
+            if is_ledger(f"/{obj['Key']}"):
+                continue
             body = s3_client.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read()
             found[f"s3://{bucket}/{obj['Key']}"] = body
     return found

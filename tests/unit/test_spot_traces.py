@@ -205,8 +205,9 @@ def test_cli_plan_on_traces_names_zones_placement_and_margin(tmp_path):
                                    "--mean-rows-per-s", "800", "--max-replicas", "20", "--slo-drain", "30m",
                                    "--spot-trace", str(V100_9), "--trace-starts", "0,20d", "--baselines", "0,2",
                                    "--fallback-caps", "10,20", "--zone-counts", "2,9", "--placements", "zone-aware",
-                                   "--seeds", "1", "--jobs", "1", "--json"])
+                                   "--seeds", "1", "--jobs", "1", "--plot", str(tmp_path / "pick.png"), "--json"])
     assert res.exit_code == 0, res.output
+    assert (tmp_path / "pick.png").read_bytes()[:4] == b"\x89PNG"
     doc = json.loads(res.stdout)
     rec = doc["recommended"]
     assert rec["placement"] == "zone-aware" and len(rec["zones"]) in (2, 9)

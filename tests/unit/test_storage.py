@@ -264,3 +264,28 @@ def test_no_retry_on_permanent_errors(no_sleep, code, status, raised):
     with pytest.raises(raised):
         S3Store(client=client).read_bytes("s3://bkt/k")
     assert client.calls == 1
+
+
+def test_local_write_many_writes_every_file_atomically(tmp_path, monkeypatch):
+    from spotbatch import storage
+
+    synced = []
+    real = storage._sync_all
+    monkeypatch.setattr(storage, "_sync_all", lambda paths: synced.append(list(paths)) or real(paths))
+    items = [(str(tmp_path / "a" / f"j{i}.parquet"), f"data {i}".encode()) for i in range(50)]
+    items.append((str(tmp_path / "b" / "k.parquet"), b"other folder"))
+    storage.LocalStore().write_many(items)
+    for uri, data in items:
+        assert open(uri, "rb").read() == data
+    assert not [p for p in tmp_path.rglob("*") if p.name.endswith(".tmp")]
+    # the group costs two sync rounds (data, then renames), not two fsyncs per file
+    assert len(synced) == 2 and sorted(synced[1]) == [str(tmp_path / "a"), str(tmp_path / "b")]
+
+
+def test_local_write_many_leaves_no_temp_file_when_it_fails(tmp_path):
+    from spotbatch.storage import LocalStore
+
+    (tmp_path / "taken").write_text("a file where a folder is needed")
+    with pytest.raises(OSError):
+        LocalStore().write_many([(str(tmp_path / "ok.parquet"), b"x"), (str(tmp_path / "taken" / "f"), b"y")])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["taken"]
