@@ -31,7 +31,7 @@ from spotbatch.kafka_admin import ensure_topics, read_all
 from spotbatch.publish import publish_jobs, rows_to_jobs
 from spotbatch.scaler.backlog import GroupBacklog
 from spotbatch.scaler.decide import ScalePolicy
-from spotbatch.scaler.local import LocalAutoscaler
+from spotbatch.scaler.local import SCALE_ACTIONS, LocalAutoscaler
 from spotbatch.scaler.procs import WorkerCrashLoop, WorkerPool
 from spotbatch.workers.streams import dlq_topic, results_topic
 
@@ -208,7 +208,7 @@ class _Fleet:
                              lag_threshold=opts.lag_threshold, cooldown_s=opts.cooldown_s)
         self.scaler = LocalAutoscaler(observe=self._observe, pool=WorkerPool(self, drain_s=_DRAIN_S), policy=policy,
                                       poll_s=opts.poll_s, early_exit_s=opts.timeout_s, max_early_exits=1,
-                                      on_event=lambda e: e.event in _SCALE_KINDS and log(e.line()))
+                                      on_event=lambda e: e.event in SCALE_ACTIONS and log(e.line()))
 
     # -- the autoscaler's Launcher --
 
@@ -280,7 +280,7 @@ class _Fleet:
 
     def scale_events(self) -> list[dict]:
         return [{"t_s": e.t_s, "event": e.event, "from": e.replicas_from, "to": e.replicas_to, "lag": e.lag,
-                 "unconsumed": e.unconsumed} for e in self.scaler.events if e.event in _SCALE_KINDS]
+                 "unconsumed": e.unconsumed} for e in self.scaler.events if e.event in SCALE_ACTIONS]
 
     def stop(self) -> None:
         """Stop every worker (SIGTERM: each drains, as on a scale-in)."""
@@ -291,7 +291,6 @@ class _Fleet:
 
 
 _DRAIN_S = 25.0  # the workers' default drain_s; SIGKILL a few seconds after it
-_SCALE_KINDS = ("scale_out", "scale_in", "scale_to_zero", "replace")
 
 
 def _publish(bootstrap: str, topic: str, opts: DemoOptions) -> tuple[int, int]:
@@ -328,7 +327,9 @@ def _follow(bootstrap: str, topic: str, jobs: int, opts: DemoOptions, fleet: _Fl
             for recs in reader.poll(timeout_ms=200).values():
                 for rec in recs:
                     status = json.loads(rec.value)
-                    seen[status["job_id"] or f"?{rec.offset}"] = status
+                    key = status["job_id"] or f"?{rec.offset}"
+                    if not (status.get("already_done") and key in seen):  # a redelivery's report adds nothing
+                        seen[key] = status
             if on_progress:
                 on_progress(*_tally(seen), fleet.replicas)
     finally:

@@ -1,4 +1,5 @@
-"""``spotbatch dlq ...``: list, show and redrive the dead letters of a jobs topic.
+"""Dead letters of a jobs topic: parse, de-duplicate, select, and read back the original
+bytes for a redrive (``spotbatch dlq list|show|redrive``, in spotbatch.cli.dlq).
 
 Dead letters are at-least-once (a crash between a dead letter's ack and the offset
 commit writes it again), so every view here is de-duplicated by the dead letter's
@@ -19,10 +20,7 @@ import hashlib
 import json
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Iterable, Optional
-
-import typer
 
 __all__ = [
     "DeadLetter",
@@ -34,7 +32,8 @@ __all__ = [
     "RedriveRefused",
     "dead_letter_key",
     "SOURCE_KEY_HEADER",
-    "register",
+    "dlq_topic_of",
+    "parse_offset",
 ]
 
 PREFIX = "spotbatch."
@@ -47,7 +46,6 @@ URI_HEADER = PREFIX + "original.uri"
 _OURS = {PREFIX + n for n in ("error.code", "error.reason", "source.topic", "source.partition", "source.offset",
                               "source.key", "worker")}
 _OURS_PREFIXES = (PREFIX + "original.",)
-REASON_WIDTH = 60
 
 
 def dlq_topic_of(topic: str) -> str:
@@ -269,203 +267,3 @@ def original_bytes(letter: DeadLetter, read=None) -> Optional[bytes]:
     if letter.original_sha256 and hashlib.sha256(data).hexdigest() != letter.original_sha256.lower():
         raise RedriveRefused(f"{where}: {letter.original_uri} does not match {SHA256_HEADER}; restore the original there")
     return data
-
-
-# ---- the CLI --------------------------------------------------------------------------
-
-dlq_app = typer.Typer(no_args_is_help=True, help="Dead letters of a jobs topic: list, show, redrive.")
-
-_TopicOpt = typer.Option(..., "--topic", help="Jobs topic whose <topic>.dlq to read.")
-_BootstrapOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP].")
-_ConfigOpt = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG].")
-_TimeoutOpt = typer.Option(30.0, "--timeout-s", min=1, help="Give up reading the DLQ after this long.")
-_JsonOpt = typer.Option(False, "--json", help="Print JSON.")
-
-
-def _fail(message: str, code: int = 2) -> None:
-    from spotbatch.cli_common import fail  # the one format for CLI errors
-
-    fail(message, code)
-
-
-def _load(topic: str, bootstrap: Optional[str], config: Optional[Path], timeout_s: float):
-    """(settings, de-duplicated dead letters of <topic>.dlq)."""
-    from kafka.errors import KafkaError, UnknownTopicOrPartitionError
-
-    from spotbatch.cli_common import load_or_exit as _settings
-    from spotbatch.kafka_admin import read_all
-    from spotbatch.kafka_security import client_options
-
-    settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic)
-    name = dlq_topic_of(settings.topic)
-    try:
-        records = read_all(settings.kafka_bootstrap, name, timeout_s=timeout_s,
-                           client_options={"bootstrap_timeout_ms": int(min(timeout_s, 10.0) * 1000),
-                                           **client_options(settings)})
-    except UnknownTopicOrPartitionError:
-        hint = f" (did you mean --topic {topic.removesuffix('.dlq')}?)" if topic.endswith(".dlq") else ""
-        _fail(f"topic {name} does not exist on {settings.kafka_bootstrap}; pass the jobs topic with --topic{hint}")
-    except KafkaError as exc:
-        if "bootstrap" in str(exc).lower():  # kafka-python 3: KafkaTimeoutError "Unable to bootstrap from ..."
-            _fail(f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}); pass --bootstrap HOST:PORT")
-        _fail(f"reading {name} from {settings.kafka_bootstrap} failed ({exc}); check the broker, "
-              "or raise --timeout-s", code=1)
-    return settings, dedupe(parse_dead_letter(r) for r in records)
-
-
-def _table(letters: list[DeadLetter], title: str):
-    from rich.table import Table
-
-    table = Table(title=title)
-    for name, justify in (("partition", "right"), ("offset", "right"), ("job id", "left"), ("code", "left"),
-                          ("reason", "left"), ("size", "right")):
-        table.add_column(name, justify=justify)
-    for d in letters:
-        reason = d.reason if len(d.reason) <= REASON_WIDTH else d.reason[:REASON_WIDTH - 1] + "…"
-        size = f"{d.size}{'*' if d.truncated else ''}"
-        table.add_row(str(d.source_partition), str(d.source_offset), d.job_id or "-", d.code or "-",
-                      reason.replace("\n", " "), size)
-    return table
-
-
-def _print(renderable) -> None:
-    from spotbatch.cli_common import out
-
-    out.print(renderable)
-
-
-@dlq_app.command("list")
-def list_(
-    topic: str = _TopicOpt,
-    code: Optional[list[str]] = typer.Option(None, "--code", help="Only these error codes (repeatable)."),
-    as_json: bool = _JsonOpt,
-    bootstrap: Optional[str] = _BootstrapOpt,
-    timeout_s: float = _TimeoutOpt,
-    config: Optional[Path] = _ConfigOpt,
-) -> None:
-    """Dead letters of <topic>.dlq, one per source record (the last written)."""
-    settings, letters = _load(topic, bootstrap, config, timeout_s)
-    if code:
-        letters = [d for d in letters if d.code in set(code)]
-    if as_json:
-        print(json.dumps([d.summary() for d in letters]))
-        return
-    _print(_table(letters, f"{settings.topic}.dlq: {len(letters)} dead letters (* truncated here)"))
-
-
-@dlq_app.command()
-def show(
-    which: str = typer.Argument(..., metavar="OFFSET_OR_JOBID", help="Source offset (N or PARTITION:N) or job id."),
-    topic: str = _TopicOpt,
-    as_json: bool = _JsonOpt,
-    bootstrap: Optional[str] = _BootstrapOpt,
-    timeout_s: float = _TimeoutOpt,
-    config: Optional[Path] = _ConfigOpt,
-) -> None:
-    """One dead letter in full: headers, reason, value."""
-    settings, letters = _load(topic, bootstrap, config, timeout_s)
-    hits = find(letters, which)
-    if not hits:
-        _fail(f"no dead letter in {settings.topic}.dlq at source offset or job id {which!r}; "
-              f"see `spotbatch dlq list --topic {settings.topic}`", code=1)
-    if as_json:
-        print(json.dumps([d.detail() for d in hits]))
-        return
-    from rich.table import Table
-
-    for d in hits:
-        table = Table(title=f"source {d.source_topic}:{d.source_partition}:{d.source_offset}", show_header=False)
-        for key, value in d.detail().items():
-            if key == "headers":
-                value = ", ".join(f"{k}={v}" for k, v in value.items()) or "-"
-            table.add_row(key, json.dumps(value) if isinstance(value, dict) else str(value))
-        _print(table)
-
-
-@dlq_app.command()
-def redrive(
-    topic: str = _TopicOpt,
-    code: Optional[list[str]] = typer.Option(None, "--code", help="Dead letters with this error code (repeatable)."),
-    job_id: Optional[list[str]] = typer.Option(None, "--job-id", help="Dead letters of this job id (repeatable)."),
-    offset: Optional[list[str]] = typer.Option(None, "--offset", help="Source offset N or PARTITION:N (repeatable)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be sent; send nothing."),
-    as_json: bool = _JsonOpt,
-    bootstrap: Optional[str] = _BootstrapOpt,
-    timeout_s: float = _TimeoutOpt,
-    config: Optional[Path] = _ConfigOpt,
-) -> None:
-    """Re-publish chosen dead letters' original bytes (key, value, headers) to the jobs topic.
-
-    Selectors of different kinds must all match; values of one kind are alternatives.
-    """
-    if not (code or job_id or offset):
-        _fail("redrive needs a selector; pass --code CODE, --job-id ID or --offset N (see `spotbatch dlq list`)")
-    offsets = []
-    for text in offset or []:
-        try:
-            offsets.append(parse_offset(text))
-        except ValueError:
-            _fail(f"--offset {text!r} must be N or PARTITION:N (source offsets, non-negative integers)")
-    settings, letters = _load(topic, bootstrap, config, timeout_s)
-    chosen = select(letters, codes=code or (), job_ids=job_id or (), offsets=offsets)
-    ready, refused = [], []
-    for d in chosen:
-        try:
-            ready.append((d, original_bytes(d)))
-        except RedriveRefused as exc:
-            refused.append((d, str(exc)))
-    sent, failed = (0, []) if dry_run else _send(settings, ready, timeout_s)
-    report = {"topic": settings.topic, "selected": len(chosen), "redriven": sent, "dry_run": dry_run,
-              "would_redrive": len(ready) if dry_run else None,
-              "refused": [{"source": d.summary()["source"], "job_id": d.job_id, "why": why} for d, why in refused],
-              "failed": failed,
-              "letters": [d.summary() for d, _ in ready]}
-    if as_json:
-        print(json.dumps(report))
-    else:
-        from spotbatch.cli_common import err
-
-        if dry_run:
-            _print(_table([d for d, _ in ready], f"would redrive {len(ready)} of {len(chosen)} selected to {settings.topic}"))
-        else:
-            _print(f"redrove {sent} of {len(chosen)} selected dead letters to {settings.topic}")
-        for _, why in refused:
-            err.print(f"[red]refused:[/red] {why}", highlight=False)
-        for why in failed:
-            err.print(f"[red]send failed:[/red] {why}", highlight=False)
-    raise typer.Exit(1 if refused or failed else 0)
-
-
-def _send(settings: Any, ready: list[tuple[DeadLetter, Optional[bytes]]], timeout_s: float) -> tuple[int, list[str]]:
-    """Publish and wait for every ack: (acknowledged, [errors])."""
-    if not ready:
-        return 0, []
-    from kafka import KafkaProducer
-
-    from spotbatch.kafka_security import client_options
-
-    try:
-        producer = KafkaProducer(bootstrap_servers=settings.kafka_bootstrap, linger_ms=5, acks="all",
-                                 max_request_size=max(1024 * 1024, 2 * max(len(v or b"") for _, v in ready)),
-                                 bootstrap_timeout_ms=5_000, **client_options(settings))
-    except Exception as exc:  # noqa: BLE001 - any connect failure gets the same fix
-        _fail(f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}); pass --bootstrap HOST:PORT")
-    sent, failed = 0, []
-    try:
-        futures = [(d, producer.send(settings.topic, key=d.key, value=value, headers=d.headers or None))
-                   for d, value in ready]
-        producer.flush(timeout=timeout_s)
-        for d, future in futures:
-            try:
-                future.get(timeout=max(1.0, timeout_s))
-                sent += 1
-            except Exception as exc:  # noqa: BLE001 - reported per letter
-                failed.append(f"source {d.source_partition}:{d.source_offset}: {exc}")
-    finally:
-        producer.close()
-    return sent, failed
-
-
-def register(app: typer.Typer) -> None:
-    """Attach ``spotbatch dlq`` to the main app."""
-    app.add_typer(dlq_app, name="dlq")

@@ -169,7 +169,10 @@ class ObjectStore(Protocol):
 
     def read_bytes(self, uri: str) -> bytes: ...
 
-    def write_atomic(self, uri: str, data: bytes) -> None: ...
+    def write_atomic(self, uri: str, data: bytes, *, sync: bool = True) -> None:
+        """Readers see the old object or the new one. ``sync=False``: durable against a
+        process crash only, not a power cut (local files skip their fsyncs)."""
+        ...
 
     def write_many(self, items: list[tuple[str, bytes]]) -> None:
         """Several atomic writes, all durable when it returns (stores may group the cost)."""
@@ -197,7 +200,7 @@ class LocalStore:
     def exists(self, uri: str) -> bool:
         return os.path.isfile(_expect(uri, "file").path)
 
-    def write_atomic(self, uri: str, data: bytes) -> None:
+    def write_atomic(self, uri: str, data: bytes, *, sync: bool = True) -> None:
         path = _expect(uri, "file").path
         folder, name = os.path.split(path)
         os.makedirs(folder, exist_ok=True)
@@ -207,12 +210,14 @@ class LocalStore:
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
                 fh.flush()
-                os.fsync(fh.fileno())
+                if sync:
+                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             _remove_quietly(tmp)
             raise
-        _fsync_dir(folder)  # makes the rename itself survive a power cut
+        if sync:
+            _fsync_dir(folder)  # makes the rename itself survive a power cut
 
     def write_many(self, items: list[tuple[str, bytes]]) -> None:
         """Atomic writes made durable together: small outputs are fsync-bound (a file
@@ -338,8 +343,8 @@ class S3Store:
             raise
         return True
 
-    def write_atomic(self, uri: str, data: bytes) -> None:
-        loc = _expect(uri, "s3")
+    def write_atomic(self, uri: str, data: bytes, *, sync: bool = True) -> None:
+        loc = _expect(uri, "s3")  # a PUT is durable once acknowledged: sync changes nothing
         self._put(loc.bucket, loc.path, data)
 
     def write_many(self, items: list[tuple[str, bytes]]) -> None:
@@ -419,7 +424,7 @@ class MemoryStore:
         except KeyError:
             raise FileNotFoundError(f"no such object: {uri}") from None
 
-    def write_atomic(self, uri: str, data: bytes) -> None:
+    def write_atomic(self, uri: str, data: bytes, *, sync: bool = True) -> None:
         with self._lock:
             self.objects[normalize_uri(uri)] = bytes(data)
 

@@ -14,13 +14,14 @@ from __future__ import annotations
 import math
 import re
 
+from spotbatch.durations import DurationError, parse_duration_s
+
 __all__ = ["young_interval_s", "wasted_fraction", "CheckpointInterval", "DEFAULT_MTBI_S", "MAX_PART_ROWS"]
 
 DEFAULT_MTBI_S = 6 * 3600.0
 MAX_PART_ROWS = 1_000_000
 _FORMS = "'<N>rows' (e.g. 500rows), '<N>s' (e.g. 30s) or 'auto'"
 _ROWS_RE = re.compile(r"^(\d+)\s*rows?$")
-_SECONDS_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*s$")
 
 
 def young_interval_s(checkpoint_cost_s: float, mtbi_s: float) -> float:
@@ -121,9 +122,10 @@ def _parse(setting: str, max_rows: int) -> tuple[str, float | None]:
         if not 1 <= rows <= max_rows:
             raise ValueError(f"bad checkpoint interval {setting!r}: rows must be 1..{max_rows}; use {_FORMS}")
         return "rows", rows
-    if m := _SECONDS_RE.match(text):
-        seconds = float(m.group(1))
-        if seconds <= 0:
-            raise ValueError(f"bad checkpoint interval {setting!r}: seconds must be > 0; use {_FORMS}")
-        return "seconds", seconds
-    raise ValueError(f"bad checkpoint interval {setting!r}: use {_FORMS}")
+    try:
+        seconds = parse_duration_s(text, units=("s",), bare=False)
+    except DurationError:
+        raise ValueError(f"bad checkpoint interval {setting!r}: use {_FORMS}") from None
+    if seconds <= 0:
+        raise ValueError(f"bad checkpoint interval {setting!r}: seconds must be > 0; use {_FORMS}")
+    return "seconds", seconds

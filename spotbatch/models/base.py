@@ -20,6 +20,9 @@ class ModelHandler(Protocol):
     ``input_column`` names the row field the model reads (``text`` for minilm).
     ``check_row`` raises ValueError with a one-line reason for a value the model
     cannot take, so a bad row fails only its own job and never a shared batch.
+    A handler may add ``rows_ok(values) -> bool``: a fast check of a whole job's rows
+    (True: all pass ``check_row``), so the worker calls ``check_row`` only to find the
+    first bad row when it says False.
     ``predict`` takes a batch of already-checked values and returns output columns
     with one entry per value, in order, as float32/int numpy arrays on the host.
     ``params`` are the job's validated params (see ``check_params``).

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ._params import bool_param, check_text, reject_unknown_params
+from ._params import bool_param, check_text, reject_unknown_params, texts_ok
 from .base import Outputs
 from .devices import to_device, to_host
 
@@ -81,6 +81,9 @@ class SentenceEncoder:
 
     def check_row(self, value: Any) -> None:
         check_text(value)
+
+    def rows_ok(self, values: Sequence[Any]) -> bool:
+        return texts_ok(values)
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         reject_unknown_params(self.name, params, ("normalize",))

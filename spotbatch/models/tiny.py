@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ._params import check_text, reject_unknown_params
+from ._params import check_text, reject_unknown_params, texts_ok
 from .base import Outputs
 from .devices import to_device, to_host
 
@@ -50,6 +50,9 @@ class TinyHandler:
 
     def check_row(self, value: Any) -> None:
         check_text(value, MAX_CHARS)
+
+    def rows_ok(self, values: Sequence[Any]) -> bool:
+        return texts_ok(values, MAX_CHARS)
 
     def check_params(self, params: Mapping[str, Any]) -> dict[str, Any]:
         reject_unknown_params(self.name, params, ())

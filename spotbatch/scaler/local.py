@@ -13,7 +13,7 @@ import logging
 import signal
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ from spotbatch.scaler.backlog import Backlog, GroupBacklog
 from spotbatch.scaler.decide import Decision, Observation, ScalePolicy, ScaleState, decide
 from spotbatch.scaler.procs import Slot, WorkerCommand, WorkerCrashLoop, WorkerPool
 
-__all__ = ["ScaleEvent", "AutoscalerReport", "LocalAutoscaler", "run_scale_local"]
+__all__ = ["ScaleEvent", "AutoscalerReport", "LocalAutoscaler", "SCALE_ACTIONS", "run_scale_local", "worker_env"]
 
 log = logging.getLogger("spotbatch.scaler.local")
 
@@ -66,7 +66,7 @@ class AutoscalerReport:
         return json.dumps(asdict(self))
 
 
-_SCALE_ACTIONS = ("scale_out", "scale_in", "scale_to_zero", "replace")
+SCALE_ACTIONS = ("scale_out", "scale_in", "scale_to_zero", "replace")  # the events that change the replica count
 
 
 class LocalAutoscaler:
@@ -191,7 +191,25 @@ class LocalAutoscaler:
 # ---- the command -------------------------------------------------------------------
 
 
-def run_scale_local(settings: Any, *, worker_args: Sequence[str], log_dir: Path | None = None,
+def worker_env(settings: Any, keys: Iterable[str], *, config: Path | None = None) -> dict[str, str]:
+    """The environment that hands ``settings``' values of ``keys`` to a worker: settings as
+    configuration (``SPOTBATCH_<KEY>``, which a worker reads above its YAML file), never as
+    a rebuilt command line. The rest a worker reads as this process did: from the
+    environment it inherits and from ``config`` (``SPOTBATCH_CONFIG``)."""
+    env = {f"SPOTBATCH_{key.upper()}": _env_value(getattr(settings, key)) for key in keys}
+    if config is not None:
+        env["SPOTBATCH_CONFIG"] = str(config)
+    return env
+
+
+def _env_value(value: Any) -> str:
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))  # e.g. SPOTBATCH_INPUT_PREFIXES
+    getter = getattr(value, "get_secret_value", None)  # a SecretStr
+    return str(getter() if getter else value)
+
+
+def run_scale_local(settings: Any, *, worker_env: Mapping[str, str], log_dir: Path | None = None,
                     once: bool = False) -> AutoscalerReport:
     """``spotbatch scale-local``: the loop in this (main) thread until Ctrl-C/SIGTERM, or
     with ``once`` until the backlog is done. The first signal stops every worker
@@ -209,7 +227,7 @@ def run_scale_local(settings: Any, *, worker_args: Sequence[str], log_dir: Path 
         raise ValueError(f"cannot reach Kafka at {settings.kafka_bootstrap}; pass --bootstrap HOST:PORT") from None
     finally:
         quiet.setLevel(level)
-    pool = WorkerPool(WorkerCommand(args=worker_args, log_dir=log_dir), drain_s=settings.drain_s)
+    pool = WorkerPool(WorkerCommand(env=worker_env, log_dir=log_dir), drain_s=settings.drain_s)
     scaler = LocalAutoscaler(observe=observe, pool=pool, policy=policy, poll_s=settings.scale_poll_s)
     stop = threading.Event()
     log.info("scale-local: topic=%s group=%s replicas %d..%d lag_threshold=%d cooldown_s=%g",

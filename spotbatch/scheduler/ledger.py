@@ -20,12 +20,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any
+
+from spotbatch.durations import DurationError, parse_duration_s
 
 __all__ = ["UsageRecord", "Window", "Usage", "Ledger", "LedgerError", "parse_when", "read_ledger", "POOLS", "LOOKBACK_MARGIN_S"]
 
@@ -33,8 +34,7 @@ POOLS = ("spot", "on-demand", "unknown")  # unknown: a worker not told its pool;
 _VERSION = 1
 _NUMBERS = ("start", "end", "seconds_alive", "seconds_busy")
 _COUNTS = ("gpus", "rows", "jobs", "interruptions", "rows_recomputed")
-_RELATIVE = re.compile(r"^-(\d+(?:\.\d+)?)([smhdw])$")
-_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+_RELATIVE_UNITS = ("s", "m", "h", "d", "w")  # --since -90s ... -2w
 # How far before ``since`` a windowed read starts, by Kafka timestamp. A record's
 # timestamp is the producer's wall clock at send (the interval's end, see
 # spotbatch/workers/usage.py), its ``end`` the worker's anchored clock: they differ by
@@ -127,9 +127,11 @@ def parse_when(text: str, *, now: float) -> float:
     text = text.strip()
     if text == "now":
         return now
-    rel = _RELATIVE.match(text)
-    if rel:
-        return now - float(rel.group(1)) * _UNIT_S[rel.group(2)]
+    if text.startswith("-"):
+        try:
+            return now - parse_duration_s(text[1:], units=_RELATIVE_UNITS, bare=False)
+        except DurationError:
+            pass  # not relative: ISO 8601, or the error below
     try:
         when = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:

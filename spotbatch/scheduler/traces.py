@@ -24,6 +24,8 @@ from typing import Literal
 
 import numpy as np
 
+from spotbatch.durations import parse_duration_s  # re-exported: the simulator's flags and bench/ use it here
+
 __all__ = ["Trace", "TraceError", "load_csv", "synthetic", "SYNTHETIC_KINDS", "parse_duration_s"]
 
 SYNTHETIC_KINDS = ("steady", "diurnal", "bursty")
@@ -123,24 +125,3 @@ def _bursty(rng: np.random.Generator, steps: int, step_s: float, jobs_per_step: 
     rate = np.full(steps, floor)
     np.add.at(rate, rng.integers(0, steps, size=n_bursts), burst_jobs)
     return rate
-
-
-_UNITS_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86_400.0}
-
-
-def parse_duration_s(text: str) -> float:
-    """'90s', '30m', '2h', '1.5d', '250ms' or plain seconds -> seconds. ValueError with the fix."""
-    raw = text.strip().lower()
-    for unit in sorted(_UNITS_S, key=len, reverse=True):
-        if raw.endswith(unit):
-            number, scale = raw[: -len(unit)], _UNITS_S[unit]
-            break
-    else:
-        number, scale = raw, 1.0
-    try:
-        value = float(number) * scale
-    except ValueError:
-        raise ValueError(f"duration {text!r} is not like 90s, 30m, 2h or 1d") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"duration {text!r} must be a finite number >= 0, like 30m")
-    return value

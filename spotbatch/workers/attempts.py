@@ -85,6 +85,13 @@ class AttemptLedger:
         with self._lock:
             return [s for s in self._earlier.get((topic, partition), []) if not s.released and s.covers(offset)]
 
+    def ever_taken(self, topic: str, partition: int, offset: int) -> bool:
+        """Whether any session (released or not, ours too) took ``offset`` up: if none
+        did, no output of it can exist yet, and looking for one is wasted I/O."""
+        with self._lock:
+            sessions = [*self._earlier.get((topic, partition), []), self._mine.get((topic, partition))]
+            return any(s is not None and s.covers(offset) for s in sessions)
+
     def take_up(self, topic: str, partition: int, offsets: list[int]) -> bool:
         """Note offsets this session starts (memory); False if the partition is not ours."""
         with self._lock:
@@ -104,7 +111,9 @@ class AttemptLedger:
                 mine.trim(committed)
             sessions = [*self._earlier.get((topic, partition), []), mine]
             data = json.dumps({"version": 1, "sessions": [s.__dict__ for s in sessions]}).encode()
-        self._store.write_atomic(self._uri(topic, partition), data)
+        # No fsync: the ledger counts process deaths, which keep the page cache; a lost
+        # node takes a local ledger with it anyway (put checkpoints on S3 for that).
+        self._store.write_atomic(self._uri(topic, partition), data, sync=False)
 
     def release(self, topic: str, partition: int) -> None:
         """Our session ended by a drain or a revoke, not by a job's fault (I/O)."""

@@ -54,11 +54,11 @@ class Intake:
             return self._sink.folder_uri(job.job_id, job.output)
         return self._sink.output_uri(job.job_id, job.output)
 
-    def build(self, job: Job, record: Any, epoch: int) -> list[PendingJob] | PartFeed:
+    def build(self, job: Job, record: Any, epoch: int, *, lookup: bool = True) -> list[PendingJob] | PartFeed:
         """The job's work: one unit for an inline job, the feed of its unfinished parts
         for a URI job.
 
-        Runs on the I/O pool. An empty list means the job is already complete: a
+        Runs on the I/O pool (an inline job with ``lookup=False`` does no I/O). An empty list means the job is already complete: a
         redelivered job whose output a previous owner made durable but could not commit
         (killed first, or held back by an unfinished job earlier in the partition).
         Job ids name outputs, so an existing output is this job's result.
@@ -66,13 +66,16 @@ class Intake:
         output_uri, params = self.check(job)
         if self.needs_io(job):
             return self._feed(job, record, params, epoch) or []
-        if self._sink.exists(output_uri):
+        if lookup and self._sink.exists(output_uri):  # lookup=False: no owner took it up before
             return []
         ids, values = self._inline_rows(job)
         self.check_rows(ids, values)
         return [PendingJob(job, record, ids, values, output_uri, params, epoch=epoch)]
 
     def check_rows(self, ids: list[str], values: list[Any]) -> None:
+        rows_ok = getattr(self._handler, "rows_ok", None)
+        if rows_ok is not None and rows_ok(values):
+            return
         for row_id, value in zip(ids, values):
             try:
                 self._handler.check_row(value)

@@ -383,9 +383,21 @@ class Worker:
         except Exception as exc:  # noqa: BLE001 - see parse_job above
             self._dead_letter(record, epoch, job_error_from(exc))
             return True
+        if isinstance(job.inputs, InlineInputs) and not self._ledger.ever_taken(tp.topic, tp.partition, record.offset):
+            self._build_fresh(record, epoch, job)  # the usual case: no I/O, so no trip to the pool
+            return True
         rows = len(job.inputs.rows) if isinstance(job.inputs, InlineInputs) else self.settings.max_batch_rows
         self._loads.append(_Load(record, epoch, job, rows, self._io.submit(self._intake.build, job, record, epoch)))
         return True
+
+    def _build_fresh(self, record: Any, epoch: int, job: Job) -> None:
+        """An inline job no owner took up before: no output of it can exist to look for."""
+        try:
+            units = self._intake.build(job, record, epoch, lookup=False)
+        except Exception as exc:  # noqa: BLE001 - see parse_job above
+            self._dead_letter(record, epoch, job_error_from(exc))
+            return
+        self._add(record, epoch, job, units)
 
     def avoid_large_jobs(self, for_s: float) -> None:
         """A rebalance recommendation: this instance is at elevated risk of interruption.
@@ -468,7 +480,8 @@ class Worker:
     def _add(self, record: Any, epoch: int, job: Job, units: list[PendingJob] | PartFeed) -> None:
         if not units:  # a previous owner made it durable but did not commit: report, commit
             log.info("job %s already complete (output found); committing", job.job_id)
-            self._report_ok(record, epoch, job.job_id, output=self._intake.output_of(job), already_done=True)
+            rows = {"rows": len(job.inputs.rows)} if isinstance(job.inputs, InlineInputs) else {}
+            self._report_ok(record, epoch, job.job_id, output=self._intake.output_of(job), already_done=True, **rows)
             return
         # A running mean of rows per job sizes the next poll (see _room_in_records).
         rows = units.parent.rows if isinstance(units, PartFeed) else sum(u.rows for u in units)

@@ -112,7 +112,7 @@ def test_poison_job_goes_to_dlq_with_attempt_history(kafka_bootstrap, tmp_path):
 def test_aws_spot_notice_drains_and_records_the_interruption(kafka_bootstrap, tmp_path):
     topic, group, out = make_topic(kafka_bootstrap, 2), new_group(), tmp_path / "out"
     ensure_topics(kafka_bootstrap, {"spotbatch.usage": 1})
-    jobs = make_jobs(600, 2, "spot")
+    jobs = make_jobs(5000, 2, "spot")  # more than it can finish between the first outputs and the notice
     publish(kafka_bootstrap, topic, jobs)
     with FakeAws() as aws:
         worker = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, burst=False,

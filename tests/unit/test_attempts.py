@@ -86,7 +86,7 @@ def test_admission_records_fresh_units_once_per_partition_before_they_run(store)
     ledger.load("jobs", 1, committed=None)
     writes = []
     real = store.write_atomic
-    store.write_atomic = lambda uri, data: writes.append(uri) or real(uri, data)
+    store.write_atomic = lambda uri, data, **kw: writes.append(uri) or real(uri, data, **kw)
     with ThreadPoolExecutor(1) as io:
         admission = Admission(ledger, io, max_batch_rows=8)
         for unit in (_unit(0), _unit(1), _unit(2, partition=1)):
@@ -139,3 +139,17 @@ def _wait_batch(admission, done):
             return batch
         time.sleep(0.01)
     raise AssertionError("no suspect batch")
+
+
+def test_ever_taken_covers_released_sessions_and_our_own(store):
+    first = _ledger(store, "w1")
+    first.load("jobs", 0, committed=None)
+    first.take_up("jobs", 0, [5, 6])
+    first.save("jobs", 0)
+    first.release("jobs", 0)  # drained: its outputs may exist though it committed nothing
+    second = _ledger(store, "w2")
+    second.load("jobs", 0, committed=None)
+    assert second.ever_taken("jobs", 0, 6) and not second.ever_taken("jobs", 0, 7)
+    second.take_up("jobs", 0, [7])
+    assert second.ever_taken("jobs", 0, 7)
+    assert not second.ever_taken("jobs", 1, 5)  # a partition not ours

@@ -9,7 +9,7 @@ import time
 import pytest
 from typer.testing import CliRunner
 
-import spotbatch.cli as cli
+import spotbatch.cli.publish as cli  # publish's KafkaProducer is patched
 from spotbatch.cli import app
 
 

@@ -11,7 +11,7 @@ import types
 import pytest
 from typer.testing import CliRunner
 
-import spotbatch.cli as cli
+import spotbatch.cli.publish as cli
 import spotbatch.kafka_admin as kafka_admin
 import spotbatch.workers.worker as worker_mod
 from spotbatch.config import ConfigError, load_settings

@@ -363,3 +363,48 @@ def test_bad_scaling_flags_exit_2_with_one_line(args, words, monkeypatch):
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error:"), result.stderr
     assert words in lines[0]
+
+
+# ---- what scale-local hands its workers: settings as environment, not rebuilt flags -------
+
+
+def test_scale_local_hands_its_worker_settings_as_environment(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import spotbatch.scaler.local as local
+    from spotbatch.cli import app
+    from spotbatch.config import load_settings
+    from spotbatch.scaler.local import AutoscalerReport
+
+    for key in [k for k in os.environ if k.startswith("SPOTBATCH_")]:
+        monkeypatch.delenv(key)
+    config = tmp_path / "s.yaml"
+    config.write_text("output: ./from-yaml\nmax_wait_ms: 7\n")
+    monkeypatch.setenv("SPOTBATCH_MODEL", "minilm")  # the flag below wins, for the workers too
+    seen = {}
+
+    def run(settings, *, worker_env, log_dir=None, once=False):
+        seen.update(worker_env)
+        return AutoscalerReport(seconds=0.0, max_replicas=0, workers_started=0)
+
+    monkeypatch.setattr(local, "run_scale_local", run)
+    result = CliRunner().invoke(app, ["scale-local", "--bootstrap", "h:1", "--topic", "t", "--model", "tiny",
+                                      "--drain-s", "5", "--config", str(config), "--once"])
+    assert result.exit_code == 0, result.output
+    assert seen == {"SPOTBATCH_KAFKA_BOOTSTRAP": "h:1", "SPOTBATCH_TOPIC": "t", "SPOTBATCH_GROUP": "spotbatch-workers",
+                    "SPOTBATCH_MODEL": "tiny", "SPOTBATCH_DRAIN_S": "5.0", "SPOTBATCH_CONFIG": str(config)}
+    for key, value in seen.items():  # a worker started with it (and no flags) reads what scale-local resolved
+        monkeypatch.setenv(key, value)
+    worker = load_settings(None)
+    assert (worker.kafka_bootstrap, worker.topic, worker.model, worker.drain_s) == ("h:1", "t", "tiny", 5.0)
+    assert (worker.output, worker.max_wait_ms) == ("./from-yaml", 7)  # the YAML file reaches it as SPOTBATCH_CONFIG
+
+
+def test_worker_env_writes_lists_and_secrets_as_a_worker_reads_them():
+    from spotbatch.config import Settings
+    from spotbatch.scaler.local import worker_env
+
+    settings = Settings(input_prefixes=["/data/a/", "s3://bucket/in/"], kafka_security_protocol="SASL_SSL",
+                        kafka_sasl_mechanism="PLAIN", kafka_sasl_username="u", kafka_sasl_password="p")
+    assert worker_env(settings, ["input_prefixes", "kafka_sasl_password"]) == {
+        "SPOTBATCH_INPUT_PREFIXES": "/data/a/,s3://bucket/in/", "SPOTBATCH_KAFKA_SASL_PASSWORD": "p"}

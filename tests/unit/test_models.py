@@ -323,3 +323,21 @@ def test_corrupt_model_file_is_a_job_error(tmp_path):
         with pytest.raises(JobError) as info:
             loaded(f"{prefix}:{path}")
         assert info.value.code == "unknown_model"
+
+
+@pytest.mark.parametrize("values,ok", [
+    (["a", "bb"], True),
+    ([], False),  # nothing to vouch for: the row-by-row path decides
+    (["a", ""], False),
+    (["a", 3], False),
+    (["a", "x" * 10_001], False),
+    (["a", "x" * 10_000], True),
+])
+def test_rows_ok_agrees_with_check_row(values, ok):
+    from spotbatch.models.tiny import TinyHandler
+
+    handler = TinyHandler()
+    assert handler.rows_ok(values) is ok
+    if ok:
+        for value in values:
+            handler.check_row(value)  # never vouches for a row check_row refuses

@@ -113,7 +113,7 @@ def _click_command(argv: list[str]):
 def test_every_flag_a_verb_names_in_errors_exists(runner, monkeypatch, argv):
     """The settings a verb passes as flags are exactly the ones its errors call flags: each
     of them is an option of that verb."""
-    import spotbatch.cli_common as common
+    import spotbatch.cli.common as common
     from spotbatch.config import ConfigError, flag_for
 
     seen: dict = {}
@@ -252,7 +252,7 @@ def _help_text(runner, argv: list[str]) -> str:
 
 
 def _captured_settings(runner, monkeypatch, argv):
-    import spotbatch.cli_common as common
+    import spotbatch.cli.common as common
     from spotbatch.config import ConfigError
 
     seen: dict = {}
@@ -316,7 +316,7 @@ def test_publish_usage_reads_file(runner):
 def test_publish_raw_validates_the_whole_file_before_sending(runner, tmp_path, monkeypatch):
     import json
 
-    import spotbatch.cli as cli
+    import spotbatch.cli.publish as cli
     from tests.unit.test_cli import FakeProducer
 
     FakeProducer.instances = []
@@ -417,7 +417,7 @@ def test_plan_reports_progress_on_stderr_even_with_json(runner):
 def test_progress_lines_are_throttled():
     from rich.console import Console
 
-    from spotbatch.cli_common import ProgressLines
+    from spotbatch.cli.common import ProgressLines
 
     console, now = Console(record=True, force_terminal=False, width=200), [0.0]
     lines = ProgressLines("plan", every_s=10, console=console, clock=lambda: now[0])

@@ -216,7 +216,7 @@ def test_cli_plan_on_traces_names_zones_placement_and_margin(tmp_path):
     assert len(doc["spot_trace_windows"]) == 2 and doc["candidates"] == 2 * 2 * 2
     plan_file = tmp_path / "plan.json"
     plan_file.write_text(res.stdout)
-    from spotbatch.scheduler.cli import _apply_setting
+    from spotbatch.cli.scheduler import _apply_setting
 
     pools, total, _ = _apply_setting(plan_file, None, None, None, None)  # apply's reading of it (notes the zones)
     assert total == 20 and pools.fallback_cap == rec["fallback_cap"]

@@ -1,16 +1,18 @@
-"""What every CLI module shares: the consoles, the common options, one-line errors,
-settings loading and logging set-up. The verbs' modules (cli, dlq, scaler.cli,
-scheduler.cli) import from here, never from each other."""
+"""What every CLI module shares: the consoles, the common options (and option groups
+declared once for several verbs), one-line errors, settings loading, logging set-up and
+help polish. The verbs' modules import from here; this module imports none of them."""
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 import sys
 import time
 import typing
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import typer
 from rich.console import Console
@@ -20,14 +22,15 @@ from typer.models import ArgumentInfo, DefaultPlaceholder, OptionInfo
 
 from spotbatch.config import ConfigError, load_settings
 
-__all__ = ["err", "out", "BootstrapOpt", "ConfigOpt", "fail", "load_or_exit", "setup_logging", "polish_help",
-           "ProgressLines"]
+__all__ = ["err", "out", "BootstrapOpt", "ConfigOpt", "JsonOpt", "fail", "load_or_exit", "setup_logging",
+           "option_group", "polish_help", "ProgressLines"]
 
 err = Console(stderr=True, soft_wrap=True)  # one-line errors stay one line in logs
 out = Console()
 
 BootstrapOpt = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP].")
 ConfigOpt = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG].")
+JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
 def fail(message: str, code: int = 2) -> None:
@@ -57,6 +60,34 @@ def _kafka_one_line(record: logging.LogRecord) -> bool:
         record.msg, record.args = f"{record.getMessage()}: {type(exc).__name__}: {exc}", ()
         record.exc_info, record.exc_text = None, None
     return True
+
+
+def option_group(options: Mapping[str, tuple[Any, Any]], *, into: str) -> Callable:
+    """Options declared once and taken by several commands. ``options`` maps a parameter
+    name to (its type, its ``typer.Option``); the decorated command's parameter ``into``
+    stands for all of them, in that place of its --help (its own default, if any, is never
+    used), and receives their values as one dict (name -> value). Groups stack."""
+
+    def wrap(func: Callable) -> Callable:
+        hints = typing.get_type_hints(func)
+        params: list[inspect.Parameter] = []
+        for param in inspect.signature(func).parameters.values():
+            if param.name == into:
+                params += [inspect.Parameter(name, inspect.Parameter.POSITIONAL_OR_KEYWORD, default=option,
+                                             annotation=annotation) for name, (annotation, option) in options.items()]
+            else:
+                params.append(param.replace(annotation=hints.get(param.name, param.annotation)))
+
+        @functools.wraps(func)
+        def command(**values: Any) -> Any:
+            group = {name: values.pop(name) for name in options}
+            return func(**values, **{into: group})
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params} | {"return": hints.get("return")}
+        return command
+
+    return wrap
 
 
 # ---- help as users read it -----------------------------------------------------------------

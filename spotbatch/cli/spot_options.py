@@ -1,5 +1,6 @@
-"""The ``--spot-trace`` options of ``scheduler simulate`` and ``plan``, and how they
-turn into zones (spot_traces.py); bad input exits 2 with one line naming the fix."""
+"""The ``--spot-trace`` options of ``scheduler simulate`` and ``plan`` (spotbatch.cli.simulate),
+and how they turn into zones (spotbatch.scheduler.spot_traces); bad input exits 2 with one
+line naming the fix."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+
+from spotbatch.cli.common import fail
 
 __all__ = ["SpotTraceOpt", "ReplicasPerZoneOpt", "FitOpt", "ZoneWindowOpt", "TraceStartOpt", "TraceStartsOpt",
            "ZoneCountsOpt", "PlacementsOpt", "PlotOpt", "PlanPlotOpt", "load_or_fail", "plot_pick", "fit_workload", "simulate_zones",
@@ -45,12 +48,6 @@ PlanPlotOpt = typer.Option(None, "--plot", help="Also write a PNG of the recomme
                                                 "spot capacity, replicas per pool and backlog over time.")
 
 
-def _fail(message: str) -> None:
-    from spotbatch.cli_common import fail
-
-    fail(message, 2)
-
-
 def load_or_fail(paths: Optional[List[Path]], fit: str, spot_capacity: Optional[int]):
     """The traces (or None without --spot-trace)."""
     from spotbatch.scheduler.spot_traces import FITS, SpotTraceError, load_spot_traces
@@ -58,13 +55,13 @@ def load_or_fail(paths: Optional[List[Path]], fit: str, spot_capacity: Optional[
     if not paths:
         return None
     if fit not in FITS:
-        _fail(f"--spot-trace-fit {fit!r} is not one of {', '.join(FITS)}; pass --spot-trace-fit loop or align")
+        fail(f"--spot-trace-fit {fit!r} is not one of {', '.join(FITS)}; pass --spot-trace-fit loop or align")
     if spot_capacity is not None:
-        _fail("--spot-capacity and --spot-trace both cap spot; drop --spot-capacity (the traces say what was there)")
+        fail("--spot-capacity and --spot-trace both cap spot; drop --spot-capacity (the traces say what was there)")
     try:
         return load_spot_traces(paths)
     except SpotTraceError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def fit_workload(workload, traces, fit: str, starts_s: list[float]):
@@ -77,7 +74,7 @@ def fit_workload(workload, traces, fit: str, starts_s: list[float]):
     span = common_span_s(traces, max(starts_s))
     steps = int(span // workload.step_s)
     if steps < 1:
-        _fail(f"the spot traces end before --trace-start {max(starts_s) / 86_400:g}d; start earlier or use --spot-trace-fit loop")
+        fail(f"the spot traces end before --trace-start {max(starts_s) / 86_400:g}d; start earlier or use --spot-trace-fit loop")
     if steps >= workload.steps:
         return workload
     return Trace(step_s=workload.step_s, jobs=workload.jobs[:steps], rows=workload.rows[:steps],
@@ -96,7 +93,7 @@ def simulate_zones(traces, workload, *, start: str, fit: str, replicas_per_zone,
         return workload, zone_capacity(traces, steps=workload.steps, step_s=workload.step_s, start_s=start_s, fit=fit,
                                        replicas_per_zone=replicas_per_zone, max_replicas=max_replicas)
     except SpotTraceError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def plan_windows(traces, workload, *, starts: str, fit: str, replicas_per_zone, max_replicas: int, duration):
@@ -108,13 +105,13 @@ def plan_windows(traces, workload, *, starts: str, fit: str, replicas_per_zone, 
         return workload, None
     starts_s = [duration(t.strip(), "--trace-starts") for t in starts.split(",") if t.strip()]
     if not starts_s:
-        _fail("--trace-starts needs at least one start, e.g. --trace-starts 0,15d")
+        fail("--trace-starts needs at least one start, e.g. --trace-starts 0,15d")
     workload = fit_workload(workload, traces, fit, starts_s)
     try:
         return workload, spot_windows(traces, starts_s=starts_s, steps=workload.steps, step_s=workload.step_s, fit=fit,
                                       replicas_per_zone=replicas_per_zone, max_replicas=max_replicas)
     except SpotTraceError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
 
 def placements_or_fail(text: str) -> list[str]:
@@ -123,13 +120,13 @@ def placements_or_fail(text: str) -> list[str]:
     chosen = [p.strip() for p in text.split(",") if p.strip()]
     bad = [p for p in chosen if p not in PLACEMENTS]
     if not chosen or bad:
-        _fail(f"--placements {text!r}: pick from {', '.join(PLACEMENTS)}, e.g. --placements spread,zone-aware")
+        fail(f"--placements {text!r}: pick from {', '.join(PLACEMENTS)}, e.g. --placements spread,zone-aware")
     return chosen
 
 
 def check_plot(plot: Optional[Path]) -> None:
     if plot is not None and plot.suffix.lower() != ".png":
-        _fail(f"--plot {plot} must name a .png file, e.g. --plot capacity.png")
+        fail(f"--plot {plot} must name a .png file, e.g. --plot capacity.png")
 
 
 def plot_pick(path: Path, best, workload, *, sim, market, price, seed: int, windows) -> None:

@@ -1,4 +1,4 @@
-"""``spotbatch lag``, ``spotbatch scaler ...`` and ``spotbatch scale-local``.
+"""``spotbatch lag``, ``spotbatch scaler serve`` and ``spotbatch scale-local``.
 
 Keep imports of heavy modules (grpc, kafka) inside the command bodies: ``spotbatch
 --help`` must stay fast.
@@ -12,6 +12,8 @@ from typing import Optional
 
 import typer
 
+from spotbatch.cli.common import BootstrapOpt, ConfigOpt, fail, load_or_exit, option_group, setup_logging
+from spotbatch.cli.worker import SCALE_LOCAL_WORKER_OPTIONS, settings_flags
 from spotbatch.kafka_security import client_options
 
 __all__ = ["register"]
@@ -27,75 +29,50 @@ def register(app: typer.Typer) -> None:
     scaler_app.command("serve")(serve)
 
 
-# Worker flags scale-local passes through to every `spotbatch worker` it starts.
-_WORKER_FLAGS = ("model", "output", "device", "precision", "torch_threads", "max_batch_rows", "max_wait_ms",
-                 "session_timeout_ms", "drain_s", "notice_source", "checkpoint_interval", "checkpoint_uri")
-
-
+@option_group(SCALE_LOCAL_WORKER_OPTIONS, into="worker_options")
 def scale_local(
-    bootstrap: Optional[str] = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP]."),
-    topic: Optional[str] = typer.Option(None, help="Jobs topic [env SPOTBATCH_TOPIC]."),
-    group: Optional[str] = typer.Option(None, help="Consumer group of the workers [env SPOTBATCH_GROUP]."),
+    worker_options: dict,
     min_replicas: Optional[int] = typer.Option(None, "--min", "--scale-min-replicas", help="Fewest workers (0 = scale to zero). Default 0 [env SPOTBATCH_SCALE_MIN_REPLICAS]."),
     max_replicas: Optional[int] = typer.Option(None, "--max", "--scale-max-replicas", help="Most workers. Default 4 [env SPOTBATCH_SCALE_MAX_REPLICAS]."),
     lag_threshold: Optional[int] = typer.Option(None, "--lag-threshold", "--scale-lag-threshold", help="Records of lag per worker (KEDA lagThreshold). Default 10 [env SPOTBATCH_SCALE_LAG_THRESHOLD]."),
     cooldown_s: Optional[float] = typer.Option(None, "--cooldown-s", "--scale-cooldown-s", help="Seconds with no unconsumed record before scaling to zero; also the scale-in window. Default 30 [env SPOTBATCH_SCALE_COOLDOWN_S]."),
     poll_s: Optional[float] = typer.Option(None, "--poll-s", "--scale-poll-s", help="Seconds between lag polls. Default 1 [env SPOTBATCH_SCALE_POLL_S]."),
-    model: Optional[str] = typer.Option(None, help="Workers' model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH [env SPOTBATCH_MODEL]."),
-    output: Optional[str] = typer.Option(None, help="Workers' output prefix: a folder or s3://bucket/prefix [env SPOTBATCH_OUTPUT]."),
-    device: Optional[str] = typer.Option(None, help="Workers' device: auto, cpu, cuda, cuda:N [env SPOTBATCH_DEVICE]."),
-    precision: Optional[str] = typer.Option(None, help="Workers' precision: auto, fp32, bf16, fp16 [env SPOTBATCH_PRECISION]."),
-    torch_threads: Optional[int] = typer.Option(None, help="torch threads per worker [env SPOTBATCH_TORCH_THREADS]."),
-    max_batch_rows: Optional[int] = typer.Option(None, help="Workers close a batch at this many rows [env SPOTBATCH_MAX_BATCH_ROWS]."),
-    max_wait_ms: Optional[int] = typer.Option(None, help="...or when its oldest row waited this long [env SPOTBATCH_MAX_WAIT_MS]."),
-    session_timeout_ms: Optional[int] = typer.Option(None, help="Workers' group session timeout [env SPOTBATCH_SESSION_TIMEOUT_MS]."),
-    drain_s: Optional[float] = typer.Option(None, help="Workers' drain deadline after SIGTERM; SIGKILL a few seconds later [env SPOTBATCH_DRAIN_S]."),
-    notice_source: Optional[str] = typer.Option(None, help="Workers' spot notices: auto, aws, gcp, azure, signal, none [env SPOTBATCH_NOTICE_SOURCE]."),
-    checkpoint_interval: Optional[str] = typer.Option(None, help="Workers' part size of URI jobs [env SPOTBATCH_CHECKPOINT_INTERVAL]."),
-    checkpoint_uri: Optional[str] = typer.Option(None, help="Workers' checkpoint store [env SPOTBATCH_CHECKPOINT_URI]."),
     log_dir: Optional[Path] = typer.Option(None, help="Write each worker's log to DIR/worker-<n>.log (default: this stderr)."),
     once: bool = typer.Option(False, "--once", help="Exit once the backlog is done and the cooldown has passed."),
     as_json: bool = typer.Option(False, "--json", help="Print the report (events, replicas over time) as JSON on exit."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]; workers get it too."),
 ) -> None:
-    """Run `spotbatch worker` processes between --min and --max from the group's lag (KEDA + HPA rules)."""
-    from spotbatch.cli_common import fail as _fail, setup_logging as _logging, load_or_exit as _settings
+    """Run `spotbatch worker` processes between --min and --max from the group's lag (KEDA + HPA rules).
 
-    flags = dict(model=model, output=output, device=device, precision=precision, torch_threads=torch_threads,
-                 max_batch_rows=max_batch_rows, max_wait_ms=max_wait_ms, session_timeout_ms=session_timeout_ms,
-                 drain_s=drain_s, notice_source=notice_source, checkpoint_interval=checkpoint_interval,
-                 checkpoint_uri=checkpoint_uri)
-    settings = _settings(config, kafka_bootstrap=bootstrap, topic=topic, group=group, scale_min_replicas=min_replicas,
-                         scale_max_replicas=max_replicas, scale_lag_threshold=lag_threshold,
-                         scale_cooldown_s=cooldown_s, scale_poll_s=poll_s, **flags)
-    _logging()
-    from spotbatch.scaler.local import run_scale_local
+    The worker settings given here reach every worker as SPOTBATCH_* environment (with
+    --config as SPOTBATCH_CONFIG), never as a rebuilt command line."""
+    flags = settings_flags(worker_options)
+    settings = load_or_exit(config, scale_min_replicas=min_replicas, scale_max_replicas=max_replicas,
+                            scale_lag_threshold=lag_threshold, scale_cooldown_s=cooldown_s, scale_poll_s=poll_s,
+                            **flags)
+    setup_logging()
+    from spotbatch.scaler.local import SCALE_ACTIONS, run_scale_local, worker_env
 
-    args = ["--bootstrap", settings.kafka_bootstrap, "--topic", settings.topic, "--group", settings.group]
-    args += [part for key in _WORKER_FLAGS if flags[key] is not None
-             for part in (f"--{key.replace('_', '-')}", str(flags[key]))]
-    args += ["--config", str(config)] if config else []
+    given = {"kafka_bootstrap", "topic", "group"} | {key for key, value in flags.items() if value is not None}
     try:
-        report = run_scale_local(settings, worker_args=args, log_dir=log_dir, once=once)
+        report = run_scale_local(settings, worker_env=worker_env(settings, sorted(given), config=config),
+                                 log_dir=log_dir, once=once)
     except ValueError as exc:  # bad --min/--max, unknown topic (LagError), crash loop
-        _fail(str(exc))
+        fail(str(exc))
     except RuntimeError as exc:
-        _fail(str(exc), code=1)
+        fail(str(exc), code=1)
     if as_json:
         print(report.to_json())
     else:
         typer.echo(f"scale-local: {report.workers_started} workers started, at most {report.max_replicas} at once, "
-                   f"{sum(e['event'] in _SCALES for e in report.scale_events)} scale events in {report.seconds:.0f}s",
+                   f"{sum(e['event'] in SCALE_ACTIONS for e in report.scale_events)} scale events in {report.seconds:.0f}s",
                    err=True)
-
-
-_SCALES = ("scale_out", "scale_in", "scale_to_zero", "replace")
 
 
 def lag(
     group: str = typer.Option(..., "--group", help="Consumer group to measure."),
     topic: Optional[str] = typer.Option(None, "--topic", help="Topic (default: every topic the group has committed offsets for)."),
-    bootstrap: Optional[str] = typer.Option(None, "--bootstrap", help="Kafka bootstrap servers [env SPOTBATCH_KAFKA_BOOTSTRAP]."),
+    bootstrap: Optional[str] = BootstrapOpt,
     lag_threshold: int = typer.Option(10, "--lag-threshold", help="KEDA lagThreshold: records per replica."),
     activation_lag_threshold: int = typer.Option(0, "--activation-lag-threshold", help="KEDA activationLagThreshold."),
     offset_reset_policy: str = typer.Option("latest", "--offset-reset-policy", help="KEDA offsetResetPolicy: latest or earliest."),
@@ -103,23 +80,22 @@ def lag(
     min_replicas: int = typer.Option(0, "--min-replicas", help="ScaledObject minReplicaCount."),
     max_replicas: int = typer.Option(100, "--max-replicas", help="ScaledObject maxReplicaCount."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]."),
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """A consumer group's lag as KEDA's kafka trigger sees it, and the replicas it would want.
 
     Per partition: committed offset, true log end, lag; then the total, whether the
     trigger is active, and the replicas KEDA + the HPA would ask for."""
-    from spotbatch.cli_common import fail as _fail, load_or_exit as _settings
     from spotbatch.scaler.lag import LagError, LagOptions
 
-    settings = _settings(config, kafka_bootstrap=bootstrap)
+    settings = load_or_exit(config, kafka_bootstrap=bootstrap)
     try:
         options = LagOptions(lag_threshold=lag_threshold, activation_lag_threshold=activation_lag_threshold,
                              offset_reset_policy=offset_reset_policy, allow_idle_consumers=allow_idle_consumers)
         report = _lag_report(settings.kafka_bootstrap, group, topic, options, min_replicas, max_replicas,
                              client_options=client_options(settings))
     except (LagError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         print(json.dumps(report))
     else:
@@ -194,18 +170,17 @@ def serve(
     max_groups: int = typer.Option(1024, "--max-groups", min=1, help="Groups/triggers whose state is kept (least recently used evicted)."),
     max_clusters: int = typer.Option(64, "--max-clusters", min=1, help="Kafka clusters kept connected (least recently used closed)."),
     allowed_bootstrap: Optional[list[str]] = typer.Option(None, "--allowed-bootstrap", help="host:port a trigger may name in bootstrapServers (repeatable; default: any). Others get PERMISSION_DENIED."),
-    config: Optional[Path] = typer.Option(None, "--config", help="YAML settings file [env SPOTBATCH_CONFIG]."),
+    config: Optional[Path] = ConfigOpt,
 ) -> None:
     """Serve KEDA's external scaler gRPC interface (plus gRPC health, /metrics, /healthz)."""
     import signal
     import threading
 
-    from spotbatch.cli_common import fail as _fail, setup_logging as _logging, load_or_exit as _settings
     from spotbatch.scaler.service import LagSource
     from spotbatch.scaler.service import serve as start
 
-    settings = _settings(config, kafka_bootstrap=bootstrap, checkpoint_uri=checkpoint_uri)
-    _logging()
+    settings = load_or_exit(config, kafka_bootstrap=bootstrap, checkpoint_uri=checkpoint_uri)
+    setup_logging()
     checkpoints = None
     if settings.checkpoint_uri:
         from spotbatch.checkpointing import store_for_checkpoints
@@ -220,7 +195,7 @@ def serve(
                                      namespace=namespace, kubeconfig=kubeconfig,
                                      client_options=client_options(settings))
         except Exception as exc:  # noqa: BLE001 - kubernetes.config raises several types for one fix
-            _fail(f"--pools needs Kubernetes access ({exc}); run in-cluster or pass --kubeconfig FILE")
+            fail(f"--pools needs Kubernetes access ({exc}); run in-cluster or pass --kubeconfig FILE")
     source = LagSource(cache_s=cache_s, usage_topic=settings.usage_topic, checkpoints=checkpoints, splitter=splitter,
                        client_options=client_options(settings), call_timeout_s=call_timeout_s, stale_s=stale_s,
                        max_groups=max_groups, max_clusters=max_clusters, input_prefixes=settings.input_prefixes)
@@ -229,9 +204,9 @@ def serve(
                        default_bootstrap=bootstrap or settings.kafka_bootstrap,
                        allowed_bootstrap=allowed_bootstrap or None)
     except OSError as exc:
-        _fail(f"{exc} (--port {port} / --metrics-port {metrics_port} must be free)")
+        fail(f"{exc} (--port {port} / --metrics-port {metrics_port} must be free)")
     except ValueError as exc:  # a malformed --allowed-bootstrap
-        _fail(str(exc).replace("metadata bootstrapServers", "--allowed-bootstrap"))
+        fail(str(exc).replace("metadata bootstrapServers", "--allowed-bootstrap"))
     typer.echo(f"scaler serving gRPC on {host}:{server.port}, /metrics and /healthz on :{server.metrics_port}", err=True)
     done = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
