@@ -60,6 +60,9 @@ class Settings(BaseSettings):
 
     # Model and batching
     model: str = "minilm"
+    # Models other fleets serve from this same topic, each fleet in its own consumer group:
+    # their jobs are committed past here, untouched (no output, no dead letter, no status).
+    skip_models: Annotated[list[str], NoDecode] = []
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
@@ -115,7 +118,7 @@ class Settings(BaseSettings):
     # A worker that cannot reach Kafka for this long (at start, or mid-run) exits 1 with one line.
     broker_wait_s: float = Field(60.0, gt=0)
 
-    @field_validator("input_prefixes", mode="before")
+    @field_validator("input_prefixes", "skip_models", mode="before")
     @classmethod
     def _split_prefixes(cls, value: Any) -> Any:
         if isinstance(value, str):
@@ -209,7 +212,7 @@ def load_settings(config: str | Path | None = None, **flags: Any) -> Settings:
 
 
 # Flags whose name is not the setting's with dashes (list settings take one value per flag).
-_FLAGS = {"input_prefixes": "input-prefix", "kafka_bootstrap": "bootstrap"}
+_FLAGS = {"input_prefixes": "input-prefix", "skip_models": "skip-model", "kafka_bootstrap": "bootstrap"}
 
 
 def flag_for(key: str) -> str:

@@ -14,6 +14,7 @@ ERROR_CODES = {
     "unknown_version": "the job's schema version is not supported",
     "invalid_job": "a field of the job is missing or invalid",
     "unknown_model": "no model handler is registered under that name",
+    "model_not_served": "a known model this worker does not serve (redrive it to the fleet that does)",
     "input_missing": "the input file could not be read",
     "input_invalid": "the input file lacks a needed column or is not Parquet/JSONL",
     "input_unreadable": "the input is not a regular file, or the store refused to read it",

@@ -127,6 +127,8 @@ def redrive(
     job_id: Optional[list[str]] = typer.Option(None, "--job-id", help="Dead letters of this job id (repeatable)."),
     offset: Optional[list[str]] = typer.Option(None, "--offset", help="Source offset N or PARTITION:N (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be sent; send nothing."),
+    to_topic: Optional[str] = typer.Option(None, "--to-topic", help="Publish to this topic instead of the jobs "
+                                           "topic (e.g. model_not_served letters to the fleet that serves them)."),
     as_json: bool = JsonOpt,
     source: dict = None,  # _SOURCE_OPTIONS go here in --help
 ) -> None:
@@ -150,8 +152,9 @@ def redrive(
             ready.append((d, original_bytes(d)))
         except RedriveRefused as exc:
             refused.append((d, str(exc)))
-    sent, failed = (0, []) if dry_run else _send(settings, ready, source["timeout_s"])
-    report = {"topic": settings.topic, "selected": len(chosen), "redriven": sent, "dry_run": dry_run,
+    target = to_topic or settings.topic
+    sent, failed = (0, []) if dry_run else _send(settings, target, ready, source["timeout_s"])
+    report = {"topic": target, "selected": len(chosen), "redriven": sent, "dry_run": dry_run,
               "would_redrive": len(ready) if dry_run else None,
               "refused": [{"source": d.summary()["source"], "job_id": d.job_id, "why": why} for d, why in refused],
               "failed": failed,
@@ -160,9 +163,9 @@ def redrive(
         print(json.dumps(report))
     else:
         if dry_run:
-            out.print(_table([d for d, _ in ready], f"would redrive {len(ready)} of {len(chosen)} selected to {settings.topic}"))
+            out.print(_table([d for d, _ in ready], f"would redrive {len(ready)} of {len(chosen)} selected to {target}"))
         else:
-            out.print(f"redrove {sent} of {len(chosen)} selected dead letters to {settings.topic}")
+            out.print(f"redrove {sent} of {len(chosen)} selected dead letters to {target}")
         for _, why in refused:
             err.print(f"[red]refused:[/red] {why}", highlight=False)
         for why in failed:
@@ -170,7 +173,8 @@ def redrive(
     raise typer.Exit(1 if refused or failed else 0)
 
 
-def _send(settings: Any, ready: list[tuple[DeadLetter, Optional[bytes]]], timeout_s: float) -> tuple[int, list[str]]:
+def _send(settings: Any, topic: str, ready: list[tuple[DeadLetter, Optional[bytes]]],
+          timeout_s: float) -> tuple[int, list[str]]:
     """Publish and wait for every ack: (acknowledged, [errors])."""
     if not ready:
         return 0, []
@@ -184,7 +188,7 @@ def _send(settings: Any, ready: list[tuple[DeadLetter, Optional[bytes]]], timeou
         fail(f"cannot reach Kafka at {settings.kafka_bootstrap} ({exc}); pass --bootstrap HOST:PORT")
     sent, failed = 0, []
     try:
-        futures = [(d, producer.send(settings.topic, key=d.key, value=value, headers=d.headers or None))
+        futures = [(d, producer.send(topic, key=d.key, value=value, headers=d.headers or None))
                    for d, value in ready]
         producer.flush(timeout=timeout_s)
         for d, future in futures:

@@ -36,6 +36,9 @@ WORKER_OPTIONS: dict[str, tuple[Any, Any]] = _options({
     "group": _Setting(str, "Consumer group"),
     "model": _Setting(str, "Model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH"),
     "output": _Setting(str, "Output prefix: a folder or s3://bucket/prefix"),
+    "skip_model": (Optional[list[str]], typer.Option(
+        None, "--skip-model", help="A model another fleet serves from this topic in its own consumer group: "
+        "its jobs are committed past untouched (repeatable; env SPOTBATCH_SKIP_MODELS, comma-separated).")),
     "input_prefix": (Optional[list[str]], typer.Option(
         None, "--input-prefix", help="URI jobs may read only under this folder or s3://bucket/prefix/ "
         "(repeatable; env SPOTBATCH_INPUT_PREFIXES, comma-separated); none: URI jobs are refused.")),
@@ -63,7 +66,7 @@ SCALE_LOCAL_WORKER_OPTIONS = {k: WORKER_OPTIONS[k] for k in (
     "bootstrap", "topic", "group", "model", "output", "device", "precision", "torch_threads", "max_batch_rows",
     "max_wait_ms", "session_timeout_ms", "drain_s", "notice_source", "checkpoint_interval", "checkpoint_uri")}
 
-_SETTING = {"bootstrap": "kafka_bootstrap", "input_prefix": "input_prefixes"}  # option name -> setting
+_SETTING = {"bootstrap": "kafka_bootstrap", "input_prefix": "input_prefixes", "skip_model": "skip_models"}  # option name -> setting
 
 
 def settings_flags(values: dict[str, Any]) -> dict[str, Any]:

@@ -41,7 +41,7 @@ class Intake:
     def check(self, job: Job) -> tuple[str, dict[str, Any]]:
         """Cheap checks done before any I/O: model, params, output location."""
         if job.model not in self._names:
-            raise JobError("unknown_model", f"model {job.model!r}: this worker serves {self._handler.name!r}")
+            raise _not_ours(job.model, self._handler.name)
         try:
             params = self._handler.check_params(job.params)
         except ValueError as exc:
@@ -109,3 +109,18 @@ class Intake:
             if column not in extra:
                 raise JobError("invalid_job", f"inputs.rows.{i}: missing the model's input column {column!r}")
         return [row.id for row in job.inputs.rows], [extra[column] for extra in extras]
+
+
+def _not_ours(model: str, served: str) -> JobError:
+    """A model some fleet could serve is ``model_not_served`` (redrivable); a name no
+    handler takes is ``unknown_model`` (a typo: fix the job). Decided from the name
+    alone: a user model's path is not looked at, so a job learns nothing of our disk."""
+    from spotbatch.models import USER_PREFIXES, available
+
+    prefix, sep, path = model.partition(":")
+    if model in available() or (sep and prefix in USER_PREFIXES and path):
+        return JobError("model_not_served", f"model {model!r}: this worker serves {served!r}; run a fleet for it "
+                        "(its own group; --skip-model here) and redrive: spotbatch dlq redrive --code model_not_served")
+    choices = ", ".join(available() + [f"{p}:PATH" for p in USER_PREFIXES])
+    return JobError("unknown_model", f"model {model!r} names no model handler (choose one of: {choices}); "
+                    f"this worker serves {served!r}")

@@ -133,6 +133,7 @@ class Worker:
         self._intake = Intake(handler, sink, planner, aliases=(settings.model,),
                               inputs=InputPolicy(settings.input_prefixes), limits=limits)
         self._live: set[PendingJob] = set()  # accepted units not yet durable or failed
+        self._skip_models = set(settings.skip_models) - {settings.model, handler.name}
         ledger_root = join_uri(settings.checkpoint_location(), "_attempts")
         self._ledger = AttemptLedger(store_for(ledger_root), ledger_root, self.worker_id, settings.max_attempts)
         self._stop_reason = "stop requested"
@@ -378,6 +379,9 @@ class Worker:
         if self._hold_large_jobs(tp, job) or self._no_room_for_input(tp, job):
             return False
         self._tracker.seen(tp, record.offset)
+        if job.model in self._skip_models:  # another fleet's, read by its own group: not ours to touch
+            self._tracker.done(tp, record.offset)
+            return True
         try:
             self._intake.check(job)  # fail fast on model, params and prefix before any I/O
         except Exception as exc:  # noqa: BLE001 - see parse_job above

@@ -78,11 +78,20 @@ def test_output_under_the_prefix_is_accepted(intake, root):
     assert intake.build(job, record, epoch=0)[0].output_uri == f"{root}/team-a/job-1.parquet"
 
 
-def test_unknown_model(intake):
-    job, record = _job(model="minilm")
-    err = _error(intake, job, record)
-    assert err.code == "unknown_model"
-    assert "'minilm'" in err.reason and "'tiny'" in err.reason
+def test_a_model_another_fleet_could_serve_is_not_served_here(intake):
+    for model in ("minilm", "torchscript:/models/m.pt"):
+        job, record = _job(model=model)
+        err = _error(intake, job, record)
+        assert err.code == "model_not_served", model
+        assert repr(model) in err.reason and "'tiny'" in err.reason and "dlq redrive" in err.reason
+
+
+def test_a_name_no_handler_takes_is_unknown(intake):
+    for model in ("bert", "torchscript:", "onnx:/m.onnx"):
+        job, record = _job(model=model)
+        err = _error(intake, job, record)
+        assert err.code == "unknown_model", model
+        assert "minilm" in err.reason and "'tiny'" in err.reason
 
 
 @pytest.mark.parametrize("output", ["/elsewhere", "{root}-sibling", "{root}/../escape", "s3://bucket/out"])
