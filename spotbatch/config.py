@@ -144,8 +144,8 @@ class Settings(BaseSettings):
         elif self.max_pending_rows < self.max_batch_rows:
             # Below one batch, a batch never fills: every one closes on max_wait_ms.
             raise ValueError(f"max_pending_rows ({self.max_pending_rows}) is below max_batch_rows "
-                             f"({self.max_batch_rows}), so no batch could fill; raise it or leave it unset "
-                             f"(derived: {PENDING_BATCHES} batches)")
+                             f"({self.max_batch_rows}), so no batch could fill; raise it (env SPOTBATCH_MAX_PENDING_ROWS "
+                             f"or YAML key max_pending_rows) or leave it unset (derived: {PENDING_BATCHES} batches)")
         return self
 
     @model_validator(mode="after")
