@@ -84,7 +84,8 @@ class Job(_Strict):
         Discriminator(_inputs_kind),
     ]
     output: Location | None = None
-    params: Annotated[dict[ColumnName, ParamValue], Field(max_length=64)] = {}
+    # default_factory: a literal {} default is deep-copied on every validation (pydantic).
+    params: Annotated[dict[ColumnName, ParamValue], Field(default_factory=dict, max_length=64)]
 
     def to_bytes(self) -> bytes:
         return self.model_dump_json(exclude_none=True).encode()

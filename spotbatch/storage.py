@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import itertools
 import os
 import posixpath
 import re
@@ -223,16 +224,22 @@ class LocalStore:
         """Atomic writes made durable together: small outputs are fsync-bound (a file
         fsync plus a folder fsync, ~5 ms here, per file), so a group of files is synced
         with one syncfs before its renames and one after (Linux; else fsync each)."""
+        paths = [_expect(uri, "file").path for uri, _ in items]
+        for folder in {os.path.dirname(path) for path in paths}:
+            os.makedirs(folder, exist_ok=True)
         staged = []
         try:
-            for uri, data in items:
-                path = _expect(uri, "file").path
-                os.makedirs(os.path.dirname(path), exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.",
-                                           suffix=".tmp")
+            for path, (_, data) in zip(paths, items):
+                tmp = _temp_name(path)
+                # O_EXCL: never another writer's file; 0o600 as mkstemp makes them.
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
                 staged.append((tmp, path))
-                with os.fdopen(fd, "wb") as fh:
-                    fh.write(data)
+                try:
+                    view = memoryview(data)
+                    while view:
+                        view = view[os.write(fd, view):]
+                finally:
+                    os.close(fd)
             _sync_all([tmp for tmp, _ in staged])  # the data first: a rename must never expose an empty file
             for tmp, path in staged:
                 os.replace(tmp, path)
@@ -241,6 +248,16 @@ class LocalStore:
                 _remove_quietly(tmp)
             raise
         _sync_all(sorted({os.path.dirname(path) for _, path in staged}))  # then the renames
+
+
+_TEMP_SEQ = itertools.count()
+
+
+def _temp_name(path: str) -> str:
+    """A hidden temp name beside ``path``, unique to this process (cheaper than mkstemp's
+    random names, and just as safe with O_EXCL)."""
+    folder, name = os.path.split(path)
+    return os.path.join(folder, f".{name}.{os.getpid()}-{next(_TEMP_SEQ)}.tmp")
 
 
 def _sync_all(paths: list[str]) -> None:
