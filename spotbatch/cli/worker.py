@@ -37,10 +37,10 @@ WORKER_OPTIONS: dict[str, tuple[Any, Any]] = _options({
     "model": _Setting(str, "Model: tiny, minilm, torchscript:PATH, export:PATH, st:PATH"),
     "output": _Setting(str, "Output prefix: a folder or s3://bucket/prefix"),
     "skip_model": (Optional[list[str]], typer.Option(
-        None, "--skip-model", help="A model another fleet serves from this topic in its own consumer group: "
+        None, "--skip-model", metavar="MODEL", help="A model another fleet serves from this topic in its own consumer group: "
         "its jobs are committed past untouched (repeatable; env SPOTBATCH_SKIP_MODELS, comma-separated).")),
     "input_prefix": (Optional[list[str]], typer.Option(
-        None, "--input-prefix", help="URI jobs may read only under this folder or s3://bucket/prefix/ "
+        None, "--input-prefix", metavar="PREFIX", help="URI jobs may read only under this folder or s3://bucket/prefix/ "
         "(repeatable; env SPOTBATCH_INPUT_PREFIXES, comma-separated); none: URI jobs are refused.")),
     "max_batch_rows": _Setting(int, "Close a batch at this many rows"),
     "max_wait_ms": _Setting(int, "...or when its oldest row waited this long"),
