@@ -85,8 +85,9 @@ def test_sigkill_after_write_before_commit_finds_the_output_and_commits_without_
 
 def test_sigterm_drains_commits_only_durable_jobs_and_exits_zero(kafka_bootstrap, tmp_path):
     topic, group, out = make_topic(kafka_bootstrap, 4), new_group(), tmp_path / "out"
-    # More records than one poll() hands out (500), so some are still unaccepted at SIGTERM.
-    jobs = make_jobs(1200, 2, "drain")
+    # Far more records than the worker holds at once (max_pending_rows, 4096 rows by default,
+    # plus one poll of 500), so some are still unaccepted at SIGTERM.
+    jobs = make_jobs(6000, 2, "drain")
     publish(kafka_bootstrap, topic, jobs)
     where = job_offsets(kafka_bootstrap, topic)
     assert len(where) == len(jobs)
