@@ -16,7 +16,6 @@ import os
 import posixpath
 import re
 import sys
-import tempfile
 import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Protocol
@@ -203,22 +202,15 @@ class LocalStore:
 
     def write_atomic(self, uri: str, data: bytes, *, sync: bool = True) -> None:
         path = _expect(uri, "file").path
-        folder, name = os.path.split(path)
-        os.makedirs(folder, exist_ok=True)
-        # Same folder as the target, so os.replace is a rename on one file system.
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        tmp = _stage(path, data, fsync=sync)
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                if sync:
-                    os.fsync(fh.fileno())
             os.replace(tmp, path)
         except BaseException:
             _remove_quietly(tmp)
             raise
         if sync:
-            _fsync_dir(folder)  # makes the rename itself survive a power cut
+            _fsync_dir(os.path.dirname(path))  # makes the rename itself survive a power cut
 
     def write_many(self, items: list[tuple[str, bytes]]) -> None:
         """Atomic writes made durable together: small outputs are fsync-bound (a file
@@ -230,16 +222,7 @@ class LocalStore:
         staged = []
         try:
             for path, (_, data) in zip(paths, items):
-                tmp = _temp_name(path)
-                # O_EXCL: never another writer's file; 0o600 as mkstemp makes them.
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-                staged.append((tmp, path))
-                try:
-                    view = memoryview(data)
-                    while view:
-                        view = view[os.write(fd, view):]
-                finally:
-                    os.close(fd)
+                staged.append((_stage(path, data, fsync=False), path))
             _sync_all([tmp for tmp, _ in staged])  # the data first: a rename must never expose an empty file
             for tmp, path in staged:
                 os.replace(tmp, path)
@@ -253,11 +236,25 @@ class LocalStore:
 _TEMP_SEQ = itertools.count()
 
 
-def _temp_name(path: str) -> str:
-    """A hidden temp name beside ``path``, unique to this process (cheaper than mkstemp's
-    random names, and just as safe with O_EXCL)."""
+def _stage(path: str, data: bytes, *, fsync: bool) -> str:
+    """Write ``data`` to a new hidden temp file beside ``path`` (same folder: the rename
+    stays on one file system) and return its name. The name is unique to this process
+    (cheaper than mkstemp's random ones, as safe with O_EXCL); 0o600 as mkstemp makes."""
     folder, name = os.path.split(path)
-    return os.path.join(folder, f".{name}.{os.getpid()}-{next(_TEMP_SEQ)}.tmp")
+    tmp = os.path.join(folder, f".{name}.{os.getpid()}-{next(_TEMP_SEQ)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+        if fsync:
+            os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        _remove_quietly(tmp)
+        raise
+    os.close(fd)
+    return tmp
 
 
 def _sync_all(paths: list[str]) -> None:

@@ -5,6 +5,7 @@ tests/fixtures_s3.py.
 
 from __future__ import annotations
 
+import os
 import uuid
 
 import pytest
@@ -29,3 +30,12 @@ def topic(kafka_bootstrap):
     name = f"test-{uuid.uuid4().hex}"
     ensure_topics(kafka_bootstrap, {name: TOPIC_PARTITIONS})
     return name
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    """No SPOTBATCH_* from the outer environment may leak into a test (settings tests)."""
+    for key in list(os.environ):
+        if key.startswith("SPOTBATCH_"):
+            monkeypatch.delenv(key)
+

@@ -71,6 +71,41 @@ def strict_schema(schema: dict) -> dict:
     return schema
 
 
+def crd_validator(ref: Path, crd_file: str, hint: str):
+    """(apiVersion, strict Draft 7 validator) of a CRD's storage version, read from the
+    shared reference folder ``ref``; the test skips, naming ``hint``, where it is absent
+    (the folder lives beside the repo and is never copied in)."""
+    import jsonschema
+    import pytest
+
+    if not ref.is_dir():
+        pytest.skip(f"CRDs not found at {ref}; {hint}")
+    crd = yaml.safe_load((ref / crd_file).read_text())
+    version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
+    schema = strict_schema(version["schema"]["openAPIV3Schema"])
+    return f"{crd['spec']['group']}/{version['name']}", jsonschema.Draft7Validator(schema)
+
+
+def schema_errors(validator, obj: Obj) -> list[str]:
+    """Every schema violation of ``obj``, as "path: message"."""
+    return [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+
+
+def debian_tool(name: str) -> str:
+    """The path of a binary from Debian's prometheus package; skips (fails where
+    SPOTBATCH_REQUIRE_PROMETHEUS is set, as in CI) when it is not installed."""
+    import os
+
+    import pytest
+
+    tool = shutil.which(name)
+    if tool is None:
+        (pytest.fail if os.environ.get("SPOTBATCH_REQUIRE_PROMETHEUS") else pytest.skip)(
+            f"{name} not found: `make test` installs Debian's prometheus package "
+            "(apt-get install -y prometheus, as root)")
+    return tool
+
+
 def objects(overlay: str, kind: str) -> list[Obj]:
     return [o for o in render(overlay) if o["kind"] == kind]
 

@@ -10,14 +10,11 @@ exposition of those names, shaped as kube-state-metrics writes them, stands in f
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
 import threading
-import time
 import urllib.parse
 import urllib.request
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -32,6 +29,7 @@ from tests.integration.helpers import (
     REPO_ROOT, ensure_side_topics, free_port, make_jobs, new_group, publish, send_raw, spawn_worker, statuses,
     wait_until,
 )
+from tests.k8s_render import debian_tool
 from tests.unit.test_monitoring import KUBE_STATE_METRICS, alerts, dashboard, dashboard_exprs, write_rule_files
 
 pytestmark = pytest.mark.integration
@@ -62,12 +60,7 @@ kube_pod_container_status_restarts_total{namespace="spotbatch",pod="spotbatch-wo
 
 
 def _prometheus_bin() -> str:
-    binary = shutil.which("prometheus")
-    if binary is None:
-        (pytest.fail if os.environ.get("SPOTBATCH_REQUIRE_PROMETHEUS") else pytest.skip)(
-            "prometheus not found: `make test` installs Debian's prometheus package "
-            "(apt-get install -y prometheus, as root)")
-    return binary
+    return debian_tool("prometheus")
 
 
 def _serve_ksm() -> ThreadingHTTPServer:

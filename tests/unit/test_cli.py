@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 
 import pytest
@@ -13,11 +12,7 @@ import spotbatch.cli.publish as cli  # publish's KafkaProducer is patched
 from spotbatch.cli import app
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("SPOTBATCH_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -2,19 +2,13 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
 
 from spotbatch.config import ConfigError, Settings, load_settings
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    """No SPOTBATCH_* from the outer environment may leak into these tests."""
-    for key in list(os.environ):
-        if key.startswith("SPOTBATCH_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ embedded Tansu broker is PLAINTEXT), so the clients are stand-ins that record kw
 
 from __future__ import annotations
 
-import os
 import types
 
 import pytest
@@ -20,11 +19,7 @@ from spotbatch.kafka_security import client_options
 SASL = {"kafka_sasl_mechanism": "SCRAM-SHA-512", "kafka_sasl_username": "svc", "kafka_sasl_password": "s3cret"}
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("SPOTBATCH_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py
 
 
 @pytest.fixture

@@ -10,14 +10,13 @@ import functools
 import os
 import re
 
-import jsonschema
 import kubernetes_validate
 import pytest
-import yaml
 
 from spotbatch.config import ConfigError, load_settings
 from tests.k8s_render import (
-    strict_schema,
+    crd_validator,
+    schema_errors,
     HYBRID_OVERLAYS, KEDA_REF, OVERLAYS, cloud_of, config_data, container_port, find, objects,
     pod_containers, render,
 )
@@ -63,14 +62,9 @@ def test_strict_core_validation_rejects_an_unknown_field():
 
 
 @functools.lru_cache(maxsize=None)
-def _keda_validator(kind: str) -> tuple[str, jsonschema.protocols.Validator]:
-    if not KEDA_REF.is_dir():
-        pytest.skip(f"KEDA CRDs not found at {KEDA_REF} (../shared/ref/keda); "
-                    "put KEDA's CRD YAMLs there to validate ScaledObject/TriggerAuthentication")
-    crd = yaml.safe_load((KEDA_REF / KEDA_CRDS[kind]).read_text())
-    version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
-    schema = strict_schema(version["schema"]["openAPIV3Schema"])
-    return f"{crd['spec']['group']}/{version['name']}", jsonschema.Draft7Validator(schema)
+def _keda_validator(kind: str):
+    return crd_validator(KEDA_REF, KEDA_CRDS[kind], "put KEDA's CRD YAMLs there (../shared/ref/keda) "
+                         "to validate ScaledObject/TriggerAuthentication")
 
 
 @overlays
@@ -80,7 +74,7 @@ def test_keda_objects_validate_against_the_crds(overlay):
     for obj in keda:
         api_version, validator = _keda_validator(obj["kind"])
         assert obj["apiVersion"] == api_version
-        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+        errors = schema_errors(validator, obj)
         assert not errors, f"{overlay} {obj['kind']}/{obj['metadata']['name']}: {errors}"
 
 

@@ -13,17 +13,15 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
-import jsonschema
 import pytest
 import yaml
 
-from tests.k8s_render import MONITORING, PROMETHEUS_OPERATOR_REF, config_data, find, render_dir, strict_schema
+from tests.k8s_render import (MONITORING, PROMETHEUS_OPERATOR_REF, config_data, crd_validator, debian_tool, find,
+                              render_dir, schema_errors)
 
 RULE_FILE = MONITORING / "prometheusrule.yaml"
 RULE_TESTS = MONITORING / "tests" / "spotbatch-rules.test.yaml"
@@ -84,12 +82,7 @@ def write_rule_files(folder: Path) -> Path:
 
 
 def promtool() -> str:
-    tool = shutil.which("promtool")
-    if tool is None:
-        (pytest.fail if os.environ.get("SPOTBATCH_REQUIRE_PROMETHEUS") else pytest.skip)(
-            "promtool not found: `make test` installs Debian's prometheus package "
-            "(apt-get install -y prometheus, as root)")
-    return tool
+    return debian_tool("promtool")
 
 
 # --- promtool ----------------------------------------------------------------------------
@@ -144,14 +137,9 @@ def monitoring_objects() -> tuple[dict, ...]:
 
 
 @functools.lru_cache(maxsize=None)
-def _validator(kind: str) -> tuple[str, jsonschema.protocols.Validator]:
-    if not PROMETHEUS_OPERATOR_REF.is_dir():
-        pytest.skip(f"Prometheus Operator CRDs not found at {PROMETHEUS_OPERATOR_REF} "
-                    "(../shared/ref/prometheus-operator); put its CRD YAMLs there to validate the monitors")
-    crd = yaml.safe_load((PROMETHEUS_OPERATOR_REF / CRDS[kind]).read_text())
-    version = next(v for v in crd["spec"]["versions"] if v.get("storage"))
-    return (f"{crd['spec']['group']}/{version['name']}",
-            jsonschema.Draft7Validator(strict_schema(version["schema"]["openAPIV3Schema"])))
+def _validator(kind: str):
+    return crd_validator(PROMETHEUS_OPERATOR_REF, CRDS[kind], "put the Prometheus Operator's CRD YAMLs there "
+                         "(../shared/ref/prometheus-operator) to validate the monitors")
 
 
 def test_monitoring_objects_validate_against_the_operator_crds():
@@ -163,7 +151,7 @@ def test_monitoring_objects_validate_against_the_operator_crds():
             continue
         api_version, validator = _validator(obj["kind"])
         assert obj["apiVersion"] == api_version
-        errors = [f"{'/'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(obj)]
+        errors = schema_errors(validator, obj)
         assert not errors, f"{obj['kind']}/{obj['metadata']['name']}: {errors}"
 
 

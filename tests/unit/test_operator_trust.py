@@ -7,7 +7,6 @@ bad file.
 
 from __future__ import annotations
 
-import os
 
 import pytest
 from typer.testing import CliRunner
@@ -16,11 +15,7 @@ from spotbatch.cli import app
 from spotbatch.demo import MARKER, OutputNotEmpty, prepare_output
 
 
-@pytest.fixture(autouse=True)
-def clean_env(monkeypatch):
-    for key in list(os.environ):
-        if key.startswith("SPOTBATCH_"):
-            monkeypatch.delenv(key)
+pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py
 
 
 @pytest.fixture
