@@ -10,6 +10,7 @@ import torch
 from spotbatch.config import Settings
 from spotbatch.models import get_handler
 from spotbatch.models.runner import BatchRunner
+from spotbatch.workers.broker import Broker
 from spotbatch.workers.metrics import serve_metrics
 from spotbatch.workers.preemption import Notice, watchers_for
 from spotbatch.workers.sinks import ParquetSink
@@ -22,15 +23,16 @@ __all__ = ["Worker", "WorkerStats", "StartupError", "build_worker", "run_worker"
 log = logging.getLogger("spotbatch.worker")
 
 
-def build_worker(settings: Settings, *, burst: bool = False) -> Worker:
-    """Load the model first: a worker joins the group only once it can infer."""
+def build_worker(settings: Settings, *, burst: bool = False, broker: Broker | None = None) -> Worker:
+    """Load the model first: a worker joins the group only once it can infer.
+    ``broker``: Kafka by default; ``spotbatch.testing.MemoryBroker`` in unit tests."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
     handler = get_handler(settings.model)
     runner = BatchRunner(handler, device=settings.device, precision=settings.precision)
     runner.load()
     log.info("model %s loaded on %s", handler.name, runner.device)
-    return Worker(settings, handler, runner.run, ParquetSink(settings.output), burst=burst)
+    return Worker(settings, handler, runner.run, ParquetSink(settings.output), burst=burst, broker=broker)
 
 
 def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:

@@ -103,12 +103,13 @@ class Intake:
                           limits=self._limits)
 
     def _inline_rows(self, job: Job) -> tuple[list[str], list[Any]]:
-        column = self._handler.input_column
-        extras = [row.model_extra or {} for row in job.inputs.rows]
-        for i, extra in enumerate(extras):
-            if column not in extra:
-                raise JobError("invalid_job", f"inputs.rows.{i}: missing the model's input column {column!r}")
-        return [row.id for row in job.inputs.rows], [extra[column] for extra in extras]
+        column, rows = self._handler.input_column, job.inputs.rows
+        try:
+            values = [row[column] for row in rows]
+        except KeyError:
+            i = next(i for i, row in enumerate(rows) if column not in row)
+            raise JobError("invalid_job", f"inputs.rows.{i}: missing the model's input column {column!r}") from None
+        return [row["id"] for row in rows], values
 
 
 def _not_ours(model: str, served: str) -> JobError:

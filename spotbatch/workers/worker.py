@@ -9,7 +9,6 @@ written, or its dead letter acknowledged by the broker.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -18,8 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
-from kafka import ConsumerRebalanceListener, KafkaConsumer, KafkaProducer
-from kafka.errors import CommitFailedError, KafkaError
+from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
 
 from spotbatch import chaos
@@ -28,17 +26,20 @@ from spotbatch.errors import JobError, job_error_from
 from spotbatch.input_access import InputPolicy
 from spotbatch.inputs import InputLimits
 from spotbatch.jobs import InlineInputs, Job, parse_job
-from spotbatch.kafka_security import client_options
-from spotbatch.retry import kafka_retry, model_retry
+from spotbatch.retry import model_retry
 from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, store_for_checkpoints
 from spotbatch.storage import join_uri, store_for
 from spotbatch.workers.admission import Admission
 from spotbatch.workers.attempts import AttemptLedger
 from spotbatch.workers.batcher import Batcher, PendingJob
+from spotbatch.workers.broker import Broker, KafkaBroker, Rebalance
 from spotbatch.workers.inference import BatchResult, InferenceThread
 from spotbatch.workers.intake import Intake
 from spotbatch.workers.metrics import WorkerMetrics
 from spotbatch.workers.offsets import OffsetTracker
+from spotbatch.workers.outcomes import Outcomes
+from spotbatch.workers.ownership import Ownership
+from spotbatch.workers.pacing import Pacing
 from spotbatch.workers.parts import PartFeed, PartPlanner
 from spotbatch.workers.streams import SideStreams
 from spotbatch.workers.usage import UsageMeter
@@ -47,9 +48,6 @@ __all__ = ["Worker", "WorkerStats"]
 
 log = logging.getLogger("spotbatch.worker")
 
-_POLL_IDLE_MS = 100  # FACTS: poll(0) with every partition paused spins a core
-_POLL_HUNGRY_MS = 20  # the model is about to run dry: stage more batches soon
-_POLL_BUSY_MS = 50  # batches are staged; longer turns leave the GIL to inference
 _BURST_DONE = "burst: caught up"  # a planned stop, not an interruption
 _FINAL_RESERVE_S = 3.0  # of the drain deadline, kept for commit + flush + leave
 _MAX_OPEN_INPUTS = 4  # URI jobs being read at once; a partition waits at the next one
@@ -87,41 +85,27 @@ class WorkerStats:
     rows: int = 0
 
 
-class _Listener(ConsumerRebalanceListener):
-    """Runs on kafka-python's IO thread: it only records events for the owner.
+class Worker:
+    """Sequences the loop; each concern lives in its own part (see the module list).
 
-    Blocking commits are not allowed here (FACTS); durable offsets are committed on
-    every loop turn anyway, so a revoke loses at most the jobs still in flight,
-    uncommitted, and the next owner redoes them into the same output files.
+    ``broker`` makes the consumer and the producer (kafka-python by default;
+    ``spotbatch.testing.MemoryBroker`` in unit tests).
     """
 
-    def __init__(self, events: list) -> None:
-        self._events = events
-
-    def on_partitions_revoked(self, revoked):
-        self._events.append(("revoked", set(revoked)))
-
-    def on_partitions_assigned(self, assigned):
-        self._events.append(("assigned", set(assigned)))
-
-    def on_partitions_lost(self, lost):
-        self._events.append(("lost", set(lost)))
-
-
-class Worker:
     def __init__(self, settings: Settings, handler: Any, run_batch: Any, sink: Any, *, burst: bool = False,
-                 checkpoints: CheckpointStore | None = None) -> None:
+                 checkpoints: CheckpointStore | None = None, broker: Broker | None = None) -> None:
         self.settings = settings
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics()
         self.stats = WorkerStats()
         self._burst = burst
         self._stop_at: float | None = None  # the shared drain deadline once stopping
-        self._events: list = []  # appended by the IO thread (list.append is atomic)
-        self._owned: dict[TopicPartition, int] = {}  # partition -> ownership epoch
-        self._epoch = 0
+        self._stop_reason = "stop requested"
+        self._owned = Ownership()
         self._tracker = OffsetTracker()
         self._batcher = Batcher(max_batch_rows=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms)
+        self._pacing = Pacing(max_pending_rows=settings.max_pending_rows, max_batch_rows=settings.max_batch_rows,
+                              max_open_inputs=_MAX_OPEN_INPUTS)
         self.interval = CheckpointInterval(settings.checkpoint_interval, batch_rows=settings.max_batch_rows,
                                            mtbi_s=settings.mtbi_s)
         self._rows_per_s: float | None = None  # EWMA of inference throughput, sizes parts
@@ -136,7 +120,6 @@ class Worker:
         self._skip_models = set(settings.skip_models) - {settings.model, handler.name}
         ledger_root = join_uri(settings.checkpoint_location(), "_attempts")
         self._ledger = AttemptLedger(store_for(ledger_root), ledger_root, self.worker_id, settings.max_attempts)
-        self._stop_reason = "stop requested"
         self._sink = sink
         # Stage as many closed batches as the backlog allows: a fast model (GPU) must not
         # wait for the owner's next turn between batches.
@@ -147,23 +130,17 @@ class Worker:
         self._admission = Admission(self._ledger, self._io, max_batch_rows=settings.max_batch_rows)
         self._loads: list[_Load] = []
         self._feeds: list[_Feed] = []  # URI jobs with parts still to read, oldest first
-        self._waiting_for_inputs: set[TopicPartition] = set()  # paused at a URI job: _MAX_OPEN_INPUTS
         self._writes: list[tuple[PendingJob, float, Future]] = []
-        # (record, epoch, kafka futures): a job's offset is done once its DLQ entry and
-        # status record are acknowledged, so a crash after the commit cannot drop them.
-        self._acks: list[tuple[Any, int, list]] = []
         self._idle_since: float | None = None
-        self._hold_until = 0.0  # monotonic; see avoid_large_jobs
-        self._held: set[TopicPartition] = set()  # partitions waiting at a held-back large job
-        self._rows_per_job = float(settings.max_batch_rows)  # learned; starts cautious
-        self._consumer = self._make_consumer()
-        # A broker blip (connection lost, coordinator moving) must not end the worker.
-        self._poll = kafka_retry(self._consumer.poll)
-        self._streams = SideStreams(self._make_producer(), self.worker_id,
+        broker = broker or KafkaBroker()
+        self._consumer = broker.consumer(settings, self.worker_id)
+        self._streams = SideStreams(broker.producer(settings, self.worker_id), self.worker_id,
                                     max_record_bytes=settings.max_partition_fetch_bytes, archive=self._archive)
         self._usage = UsageMeter(worker_id=self.worker_id, pool=settings.pool, instance_type=settings.instance_type,
                                  gpus=settings.gpu_count, interval_s=settings.usage_interval_s,
                                  emit=lambda record: self._streams.usage(settings.usage_topic, **record))
+        self._outcomes = Outcomes(self._streams, self._tracker, self._owned.epoch_of, self.metrics, self.stats,
+                                  self._usage, after_commit=lambda: chaos.reached("after_commit"))
 
     # ---- lifecycle -------------------------------------------------------------
 
@@ -179,13 +156,17 @@ class Worker:
             self._stop_reason = reason
         self._stop_at = deadline if self._stop_at is None else min(self._stop_at, deadline)
 
-    def run(self) -> WorkerStats:
-        self._consumer.subscribe([self.settings.topic], listener=_Listener(self._events))
+    def start(self) -> None:
+        """Join the group (run() does it; unit tests call it, then step turn())."""
+        self._consumer.subscribe(self.settings.topic)
         log.info("worker %s consuming topic=%s group=%s", self.worker_id, self.settings.topic, self.settings.group)
+
+    def run(self) -> WorkerStats:
+        self.start()
         try:
             try:
                 while self._stop_at is None:
-                    self._turn()
+                    self.turn()
                     if self._burst and self._drained_for(2.0):
                         log.info("burst mode: caught up with the log end; stopping")
                         self.request_stop(reason=_BURST_DONE)
@@ -223,11 +204,11 @@ class Worker:
         # They stay in _live, so the interruption record counts their inferred rows.
         self._batcher.drop(lambda unit: unit.parent is None)
         releases = [self._io.submit(parent.release) for parent in self._unfinished_parted_jobs()]
-        releases += [self._io.submit(self._ledger.release, tp.topic, tp.partition) for tp in self._owned]
+        releases += [self._io.submit(self._ledger.release, tp.topic, tp.partition) for tp in self._owned.partitions]
         self._drop_feeds(lambda feed: True)
         self._forget(self._admission.drop(lambda unit: False))  # suspects wait for the next owner
         while self._busy() and time.monotonic() < deadline - _FINAL_RESERVE_S:
-            self._turn(draining=True)
+            self.turn(draining=True)
         if self._busy():
             log.warning("drain deadline reached: abandoning %d uncommitted jobs", self._tracker.outstanding())
         _wait_quietly(releases, deadline - time.monotonic() - _FINAL_RESERVE_S / 2)
@@ -239,21 +220,20 @@ class Worker:
             self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
         except KafkaError as exc:
             log.warning("side streams not fully flushed before leaving: %s", exc)
-        _close(self._consumer, leave=self._should_leave())
+        self._consumer.close()
         log.info("worker %s left the group after %.1fs: %s", self.worker_id, time.monotonic() - started, self.stats)
 
     # ---- one turn of the owner loop -------------------------------------------
 
-    def _turn(self, draining: bool = False) -> None:
-        self._apply_rebalance_events()
-        self._flow_control(draining)
-        records = self._poll(timeout_ms=self._poll_ms(), max_records=self._room_in_records())
-        rewound = self._apply_rebalance_events()  # the listener ran inside poll(): its news first
-        for tp, recs in records.items():
-            if tp in rewound:  # fetched from before the rewind: read again from there next turn
-                if rewound[tp] is None:  # no commit to rewind to: these records come first
-                    self._consumer.seek(tp, recs[0].offset)
-                continue
+    def turn(self, draining: bool = False) -> None:
+        """One pass of the owner loop (run() repeats it; unit tests step it)."""
+        self._pacing.apply(self._consumer, backlog_rows=self._backlog_rows(), open_inputs=self._open_inputs(),
+                           draining=draining)
+        self.metrics.pending_rows.set(self._batcher.pending_rows)
+        polled = self._consumer.poll(self._poll_ms(), self._pacing.room_in_records(self._backlog_rows()))
+        for event in polled.events:
+            self._rebalanced(event)
+        for tp, recs in polled.records.items():
             for record in recs:
                 if not self._accept(record):  # held back: fetched again when the hold ends
                     self._consumer.seek(tp, record.offset)
@@ -265,40 +245,32 @@ class Worker:
         self._collect_results()
         self._feed_inference(force=draining)
         self._collect_writes()
-        self._collect_acks()
+        self._outcomes.collect_acks()
         self._commit()
         self.metrics.tick()
         self._usage.tick()
 
-    def _apply_rebalance_events(self) -> dict[TopicPartition, int | None]:
-        """Apply the listener's news; returns the partitions assigned now and where each
-        was rewound to (None: no committed offset)."""
-        rewound: dict[TopicPartition, int | None] = {}
-        while self._events:
-            kind, tps = self._events.pop(0)
-            if kind == "assigned":
-                self._epoch += 1
-                self._owned.update({tp: self._epoch for tp in tps})
-                targets = self._rewind(tps)
-                rewound.update(targets)
-                self._load_ledgers(targets)
-                log.info("assigned %s", sorted(tp.partition for tp in tps))
-                continue
-            for parent in self._unfinished_parted_jobs(in_partitions=tps):  # not the job's fault
-                self._io.submit(parent.release)
-            self._drop_feeds(lambda feed: feed.tp in tps)
-            for tp in tps:  # revoked or lost: forget; in-flight results become stale
-                self._release_ledger(tp)
-                self._owned.pop(tp, None)
-                self._tracker.forget(tp)
-            dropped = self._batcher.drop(self._is_current) + self._admission.drop(self._is_current)
-            self._forget(dropped)
-            if tps:
-                log.info("%s %s; abandoned %d queued jobs uncommitted", kind,
-                         sorted(tp.partition for tp in tps), len(dropped))
-        return rewound
+    def _rebalanced(self, event: Rebalance) -> None:
+        """Apply one rebalance before any record fetched after it."""
+        tps = set(event.partitions)
+        if event.kind == "assigned":
+            self._owned.take(tps)
+            self._load_ledgers(event.committed)
+            log.info("assigned %s", sorted(tp.partition for tp in tps))
+            return
+        for parent in self._unfinished_parted_jobs(in_partitions=tps):  # not the job's fault
+            self._io.submit(parent.release)
+        self._drop_feeds(lambda feed: feed.tp in tps)
+        for tp in tps:  # revoked or lost: forget; in-flight results become stale
+            self._release_ledger(tp)
+            self._tracker.forget(tp)
+        self._owned.give_up(tps)
+        dropped = self._batcher.drop(self._owned.is_current) + self._admission.drop(self._owned.is_current)
+        self._forget(dropped)
+        log.info("%s %s; abandoned %d queued jobs uncommitted", event.kind, sorted(tp.partition for tp in tps),
+                 len(dropped))
 
-    def _load_ledgers(self, committed: dict[TopicPartition, int | None]) -> None:
+    def _load_ledgers(self, committed) -> None:
         """Read the attempt ledgers of newly assigned partitions before any of their jobs."""
         loads = [self._io.submit(self._ledger.load, tp.topic, tp.partition, at) for tp, at in committed.items()]
         for fut in loads:
@@ -312,71 +284,33 @@ class Worker:
             log.warning("could not release the attempt ledger of partition %d: %s", tp.partition, exc)
         self._ledger.forget(tp.topic, tp.partition)
 
-    def _rewind(self, tps: set[TopicPartition]) -> dict[TopicPartition, int | None]:
-        """Start an assigned partition at its committed offset.
-
-        kafka-python keeps the fetch position of a partition that stays assigned across
-        a rebalance, but everything we fetched and had not committed was abandoned at
-        the revoke: without the rewind those records would be skipped, and the next
-        commit would move past them. A job lost that way never comes back.
-        """
-        targets = {tp: self._consumer.committed(tp) for tp in tps}
-        for tp, committed in targets.items():
-            if committed is not None:
-                self._consumer.seek(tp, committed)
-        return targets
-
     def _backlog_rows(self) -> int:
         """Rows accepted and not yet inferred; a file not opened yet counts as one batch."""
         loading = sum(load.rows for load in self._loads) + sum(feed.rows for feed in self._feeds)
         return self._batcher.pending_rows + self._inference.rows_in_flight + loading + self._admission.rows
 
-    def _room_in_records(self) -> int:
-        """Records one poll may return without overshooting max_pending_rows by much."""
-        room_rows = self.settings.max_pending_rows - self._backlog_rows()
-        return max(1, min(500, int(room_rows / self._rows_per_job)))
-
-    def _flow_control(self, draining: bool) -> None:
-        # Re-applied every turn: newly assigned partitions start unpaused (FACTS).
-        assigned = self._consumer.assignment()
-        if self._held and time.monotonic() >= self._hold_until:
-            log.info("rebalance hold over: resuming %d held partitions", len(self._held))
-            self._held.clear()
-        self._held &= assigned
-        if self._open_inputs() < _MAX_OPEN_INPUTS:
-            self._waiting_for_inputs.clear()
-        waiting = (self._held | self._waiting_for_inputs) & assigned
-        if draining or self._backlog_rows() >= self.settings.max_pending_rows:
-            self._consumer.pause(*assigned)
-        else:
-            self._consumer.pause(*waiting)
-            if resumable := self._consumer.paused() - waiting:
-                self._consumer.resume(*resumable)
-        self.metrics.pending_rows.set(self._batcher.pending_rows)
-
     def _poll_ms(self) -> int:
-        if self._inference.in_flight and self._inference.hungry and len(self._batcher):
-            return _POLL_HUNGRY_MS
-        if (self._inference.in_flight or self._loads or self._writes or len(self._admission)
-                or any(f.read for f in self._feeds)):
-            return _POLL_BUSY_MS
-        due = self._batcher.seconds_until_due()
-        return _POLL_IDLE_MS if due is None else max(1, min(_POLL_IDLE_MS, int(due * 1000)))
+        in_flight = self._inference.in_flight
+        busy = bool(in_flight or self._loads or self._writes or len(self._admission)
+                    or any(f.read for f in self._feeds))
+        return self._pacing.poll_ms(hungry=bool(in_flight and self._inference.hungry and len(self._batcher)),
+                                    busy=busy, due_s=self._batcher.seconds_until_due())
 
     def _accept(self, record: Any) -> bool:
         """Take a record on; False when it is held back (a large job after a rebalance
         recommendation) and its partition must stop here."""
         tp = TopicPartition(record.topic, record.partition)
-        epoch = self._owned.get(tp)
+        epoch = self._owned.epoch_of(tp)
         if epoch is None:  # fetched just before a revoke: not ours to process any more
             return True
         try:
             job = parse_job(record.value)
         except Exception as exc:  # noqa: BLE001 - the one boundary: whatever a message holds
             self._tracker.seen(tp, record.offset)
-            self._dead_letter(record, epoch, job_error_from(exc))
+            self._outcomes.dead_letter(record, epoch, job_error_from(exc))
             return True
-        if self._hold_large_jobs(tp, job) or self._no_room_for_input(tp, job):
+        if self._pacing.hold(tp, job) or self._pacing.no_room_for_input(tp, Intake.needs_io(job),
+                                                                        self._open_inputs()):
             return False
         self._tracker.seen(tp, record.offset)
         if job.model in self._skip_models:  # another fleet's, read by its own group: not ours to touch
@@ -385,7 +319,7 @@ class Worker:
         try:
             self._intake.check(job)  # fail fast on model, params and prefix before any I/O
         except Exception as exc:  # noqa: BLE001 - see parse_job above
-            self._dead_letter(record, epoch, job_error_from(exc))
+            self._outcomes.dead_letter(record, epoch, job_error_from(exc))
             return True
         if isinstance(job.inputs, InlineInputs) and not self._ledger.ever_taken(tp.topic, tp.partition, record.offset):
             self._build_fresh(record, epoch, job)  # the usual case: no I/O, so no trip to the pool
@@ -399,7 +333,7 @@ class Worker:
         try:
             units = self._intake.build(job, record, epoch, lookup=False)
         except Exception as exc:  # noqa: BLE001 - see parse_job above
-            self._dead_letter(record, epoch, job_error_from(exc))
+            self._outcomes.dead_letter(record, epoch, job_error_from(exc))
             return
         self._add(record, epoch, job, units)
 
@@ -408,27 +342,11 @@ class Worker:
         For ``for_s``, a URI job reached in a partition is not started; the partition
         waits at it (paused, uncommitted), so a safer owner can take it after an
         interruption, or this one once the hold ends. Checkpoints come every batch."""
-        self._hold_until = time.monotonic() + for_s
+        self._pacing.avoid_large_jobs(for_s)
         self.interval.pin_rows(self.settings.max_batch_rows)
-
-    def _hold_large_jobs(self, tp: TopicPartition, job: Job) -> bool:
-        if isinstance(job.inputs, InlineInputs) or time.monotonic() >= self._hold_until:
-            return False
-        if tp not in self._held:
-            log.info("holding partition %d at large job %s (rebalance recommendation)", tp.partition, job.job_id)
-        self._held.add(tp)
-        return True
 
     def _open_inputs(self) -> int:
         return len(self._feeds) + sum(1 for load in self._loads if Intake.needs_io(load.job))
-
-    def _no_room_for_input(self, tp: TopicPartition, job: Job) -> bool:
-        """Each URI job holds an open input until its last part is read: a partition
-        waits at the next one while _MAX_OPEN_INPUTS are open."""
-        if not Intake.needs_io(job) or self._open_inputs() < _MAX_OPEN_INPUTS:
-            return False
-        self._waiting_for_inputs.add(tp)
-        return True
 
     def _pull_parts(self) -> None:
         """Read URI jobs' next parts while the backlog has room, oldest job first and one
@@ -449,14 +367,14 @@ class Worker:
                 unit = read.result()
             except Exception as exc:  # noqa: BLE001 - infrastructure faults re-raise below
                 self._drop_feeds(lambda f: f is feed)
-                if self._owned.get(feed.tp) == feed.feed.epoch and not parent.failed:
+                if self._owned.epoch_of(feed.tp) == feed.feed.epoch and not parent.failed:
                     self._fail_parted(parent)
-                    self._dead_letter(parent.record, feed.feed.epoch, job_error_from(exc, default="input_invalid"),
+                    self._outcomes.dead_letter(parent.record, feed.feed.epoch, job_error_from(exc, default="input_invalid"),
                                       parent.job.job_id)
                 continue
             if not feed.feed.parts_left or parent.failed:
                 self._drop_feeds(lambda f: f is feed)
-            if self._is_current(unit) and not _failed(unit):
+            if self._owned.is_current(unit) and not _failed(unit):
                 self._live.add(unit)
                 self._batcher.add(unit)
 
@@ -476,20 +394,19 @@ class Worker:
             try:
                 units = load.future.result()
             except Exception as exc:  # noqa: BLE001 - infrastructure faults re-raise below
-                self._dead_letter(load.record, load.epoch, job_error_from(exc, default="input_invalid"))
+                self._outcomes.dead_letter(load.record, load.epoch, job_error_from(exc, default="input_invalid"))
                 continue
-            if self._owned.get(TopicPartition(load.record.topic, load.record.partition)) == load.epoch:
+            if self._owned.epoch_of(TopicPartition(load.record.topic, load.record.partition)) == load.epoch:
                 self._add(load.record, load.epoch, load.job, units)
 
     def _add(self, record: Any, epoch: int, job: Job, units: list[PendingJob] | PartFeed) -> None:
         if not units:  # a previous owner made it durable but did not commit: report, commit
             log.info("job %s already complete (output found); committing", job.job_id)
             rows = {"rows": len(job.inputs.rows)} if isinstance(job.inputs, InlineInputs) else {}
-            self._report_ok(record, epoch, job.job_id, output=self._intake.output_of(job), already_done=True, **rows)
+            self._outcomes.ok(record, epoch, job.job_id, output=self._intake.output_of(job), already_done=True,
+                              **rows)
             return
-        # A running mean of rows per job sizes the next poll (see _room_in_records).
-        rows = units.parent.rows if isinstance(units, PartFeed) else sum(u.rows for u in units)
-        self._rows_per_job += (rows - self._rows_per_job) * 0.1
+        self._pacing.learn_job_rows(units.parent.rows if isinstance(units, PartFeed) else sum(u.rows for u in units))
         if isinstance(units, PartFeed):
             self._start_feed(units)
             return
@@ -497,7 +414,7 @@ class Worker:
             try:
                 self._admission.admit(unit)
             except JobError as err:
-                self._dead_letter(record, epoch, err, job.job_id)
+                self._outcomes.dead_letter(record, epoch, err, job.job_id)
                 continue
             self._live.add(unit)
 
@@ -505,7 +422,7 @@ class Worker:
         """Inline units whose attempt is recorded go to the batcher."""
         self._admission.record(committed=self._tracker.position)
         for unit in self._admission.recorded():
-            if self._is_current(unit) and not _failed(unit):
+            if self._owned.is_current(unit) and not _failed(unit):
                 self._batcher.add(unit)
             else:
                 self._live.discard(unit)
@@ -558,7 +475,7 @@ class Worker:
             self._account(result)
             for seg, outputs in result.parts:
                 job = seg.job
-                if not self._is_current(job) or _failed(job):
+                if not self._owned.is_current(job) or _failed(job):
                     self._live.discard(job)
                     continue
                 job.add_part(seg.start, outputs)
@@ -567,11 +484,11 @@ class Worker:
                 elif job.complete:
                     self._writes.append((job, time.monotonic(), self._io.submit(self._write_part, job)))
             for job, err in result.failures:
-                if self._is_current(job) and not _failed(job):
+                if self._owned.is_current(job) and not _failed(job):
                     job.failed = True
                     if job.parent is not None:
                         self._fail_parted(job.parent)
-                    self._dead_letter(job.record, job.epoch, err, job.job.job_id)
+                    self._outcomes.dead_letter(job.record, job.epoch, err, job.job.job_id)
                 self._live.discard(job)
         if inline:
             written = self._io.submit(self._write_inline, inline)
@@ -608,57 +525,14 @@ class Worker:
             if not complete:  # a part of a URI job: checkpointed, the job goes on
                 self.metrics.parts.inc()
                 continue
-            self.stats.jobs_ok += 1
-            self._usage.add_job()
-            self.metrics.jobs.labels("ok").inc()
             whole = job.parent
             started = whole.started_at if whole else job.accepted_at
-            self._report_ok(job.record, job.epoch, job.job.job_id, rows=whole.rows if whole else job.rows,
-                            seconds=round(time.monotonic() - started, 3),
-                            output=whole.folder_uri if whole else job.output_uri)
-
-    def _report_ok(self, record: Any, epoch: int, job_id: str, **fields: Any) -> None:
-        """The ok status; the job's offset is done once the broker has it."""
-        status = self._streams.status(record.topic, job_id, status="ok", key=record.key, source=_coords(record),
-                                      **fields)
-        self._acks.append((record, epoch, [status]))
-
-    def _dead_letter(self, record: Any, epoch: int, err: JobError, job_id: str | None = None) -> None:
-        job_id = job_id or _job_id_of(record)
-        log.warning("dead-letter %s partition=%d offset=%d: %s", job_id or "<unparsed>", record.partition, record.offset, err)
-        self.stats.jobs_failed += 1
-        self.metrics.jobs.labels("failed").inc()
-        self.metrics.errors.labels(err.code).inc()
-        dead = self._streams.dead_letter(record, err)
-        status = self._streams.status(
-            record.topic, job_id, status="failed", key=record.key,
-            error=err.code, reason=err.reason, source=_coords(record),
-        )
-        self._acks.append((record, epoch, [dead, status]))
-
-    def _collect_acks(self) -> None:
-        all_done = lambda futs: all(f.is_done for f in futs)  # noqa: E731
-        for record, epoch, futs in _take_done(self._acks, lambda item: item[2], done=all_done):
-            if failed := [f for f in futs if not f.succeeded()]:  # never commit past a lost record
-                raise RuntimeError(f"side-stream write failed for offset {record.offset}: {failed[0].exception}")
-            tp = TopicPartition(record.topic, record.partition)
-            if self._owned.get(tp) == epoch:
-                self._tracker.done(tp, record.offset)
+            self._outcomes.written(job.record, job.epoch, job.job.job_id, rows=whole.rows if whole else job.rows,
+                                   seconds=round(time.monotonic() - started, 3),
+                                   output=whole.folder_uri if whole else job.output_uri)
 
     def _commit(self) -> None:
-        offsets = self._tracker.to_commit(only=set(self._owned))
-        if not offsets:
-            return
-        try:
-            self._consumer.commit(offsets)
-            self._tracker.committed(offsets)
-            chaos.reached("after_commit")
-        except (CommitFailedError, KafkaError) as exc:  # a rebalance overtook us; events follow
-            log.warning("commit of %d partitions failed: %s", len(offsets), exc)
-        for tp in self._owned:
-            hw, pos = self._consumer.highwater(tp), self._tracker.position(tp)
-            if hw is not None and pos is not None:
-                self.metrics.lag.labels(str(tp.partition)).set(max(0, hw - pos))
+        self._outcomes.commit(self._consumer, self._owned.partitions)
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -671,15 +545,6 @@ class Worker:
         self.metrics.rows.inc(result.batch.rows)
         self.stats.rows += result.batch.rows
         self._usage.add_busy(result.seconds, rows=result.batch.rows)
-
-    def _should_leave(self) -> bool:
-        if self.settings.leave_group != "auto":
-            return self.settings.leave_group == "always"
-        # Measured on Tansu (the embedded broker): a LeaveGroup while another member's
-        # join is pending wedges the group for good; without it, the session timeout
-        # removes us and the group moves on. Real Kafka handles the leave correctly.
-        cluster_id = getattr(getattr(self._consumer, "_client", None), "cluster", None)
-        return getattr(cluster_id, "cluster_id", None) != "tansu_cluster"
 
     def _unfinished_parted_jobs(self, in_partitions: set[TopicPartition] | None = None) -> list:
         units = [(u.parent, u.tp) for u in self._live if u.parent is not None]
@@ -700,12 +565,9 @@ class Worker:
                             rows=self.stats.rows, jobs_ok=self.stats.jobs_ok, jobs_failed=self.stats.jobs_failed)
         log.info("interruption (%s): drained in %.1fs, %d inferred rows lost", self._stop_reason, drain_s, lost)
 
-    def _is_current(self, job: PendingJob) -> bool:
-        return self._owned.get(job.tp) == job.epoch
-
     def _busy(self) -> bool:
         return bool(len(self._batcher) or self._inference.in_flight or self._loads or self._feeds or self._writes
-                    or self._acks or len(self._admission))
+                    or self._outcomes.waiting or len(self._admission))
 
     def _position(self, tp: TopicPartition) -> int:
         """Our committable position; without records since assignment, the fetch position."""
@@ -715,7 +577,8 @@ class Worker:
     def _drained_for(self, seconds: float) -> bool:
         """Burst mode: nothing in flight and every owned partition read to its end."""
         caught_up = bool(self._owned) and not self._busy() and all(
-            (hw := self._consumer.highwater(tp)) is not None and self._position(tp) >= hw for tp in self._owned
+            (hw := self._consumer.highwater(tp)) is not None and self._position(tp) >= hw
+            for tp in self._owned.partitions
         )
         now = time.monotonic()
         if not caught_up:
@@ -723,33 +586,6 @@ class Worker:
             return False
         self._idle_since = self._idle_since or now
         return now - self._idle_since >= seconds
-
-    def _make_consumer(self) -> KafkaConsumer:
-        s = self.settings
-        return KafkaConsumer(
-            bootstrap_servers=s.kafka_bootstrap,
-            group_id=s.group,
-            client_id=self.worker_id,
-            enable_auto_commit=False,
-            auto_offset_reset="earliest",
-            session_timeout_ms=s.session_timeout_ms,
-            heartbeat_interval_ms=max(500, s.session_timeout_ms // 5),
-            max_poll_interval_ms=s.max_poll_interval_ms,
-            max_partition_fetch_bytes=s.max_partition_fetch_bytes,
-            fetch_max_bytes=max(s.max_partition_fetch_bytes, 52_428_800),
-            **client_options(s),
-        )
-
-    def _make_producer(self) -> KafkaProducer:
-        return KafkaProducer(
-            bootstrap_servers=self.settings.kafka_bootstrap,
-            client_id=f"{self.worker_id}-side",
-            acks="all",
-            linger_ms=5,
-            max_request_size=self.settings.max_partition_fetch_bytes,
-            **client_options(self.settings),
-        )
-
 
 def _take_done(items: list, future_of, done=lambda f: f.done()) -> list:
     """Remove and return the items whose future has finished, keeping order."""
@@ -771,29 +607,5 @@ def _wait_quietly(futures: list[Future], timeout_s: float) -> None:
             log.warning("could not note the drain in a checkpoint: %s", exc)
 
 
-def _close(consumer: KafkaConsumer, *, leave: bool) -> None:
-    """Close the consumer; ``leave=False`` skips the LeaveGroup request.
-
-    kafka-python has no public switch for that, so the coordinator's leave step is
-    replaced for this one close. Offsets were committed before (shutdown step 4).
-    """
-    if not leave:
-        consumer._coordinator.maybe_leave_group = lambda *args, **kwargs: None  # noqa: SLF001
-    consumer.close(autocommit=False)
-
-
 def _failed(unit: PendingJob) -> bool:
     return unit.failed or (unit.parent is not None and unit.parent.failed)
-
-
-def _coords(record: Any) -> dict[str, Any]:
-    return {"topic": record.topic, "partition": record.partition, "offset": record.offset}
-
-
-def _job_id_of(record: Any) -> str | None:
-    """Best effort: a rejected job's id, if its JSON got that far, for the status record."""
-    try:
-        job_id = json.loads(record.value).get("job_id")
-    except Exception:  # noqa: BLE001 - malformed input is exactly the case here
-        return None
-    return job_id if isinstance(job_id, str) else None

@@ -135,7 +135,10 @@ def spawn_worker(
         *(["--burst"] if burst else []), *args,
     ]
     child_env = {k: v for k, v in os.environ.items() if not k.startswith("SPOTBATCH_")}
-    child_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO_ROOT)})
+    # The chaos shim installs the fault hooks a test asks for in env (SPOTBATCH_CHAOS=...);
+    # without those variables it does nothing.
+    shim = REPO_ROOT / "tests" / "chaos" / "shim"
+    child_env.update({"PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join([str(shim), str(REPO_ROOT)])})
     child_env.update(env or {})
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -241,7 +244,7 @@ def expected_embeddings(values: list[str]) -> np.ndarray:
 
 def job_rows(job: Job) -> tuple[list[str], list[str]]:
     rows = job.inputs.rows
-    return [r.id for r in rows], [r.model_extra["text"] for r in rows]
+    return [r["id"] for r in rows], [r["text"] for r in rows]
 
 
 def list_outputs(folder: Path) -> set[str]:

@@ -37,9 +37,9 @@ def test_inline_job_parses():
     assert job.job_id == "docs-000001"
     assert job.model == "tiny"
     assert isinstance(job.inputs, InlineInputs)
-    assert [r.id for r in job.inputs.rows] == ["a1", "a2"]
+    assert [r["id"] for r in job.inputs.rows] == ["a1", "a2"]
     # The model's input column travels as an extra key of each row.
-    assert [r.model_extra["text"] for r in job.inputs.rows] == ["hello", "world"]
+    assert [r["text"] for r in job.inputs.rows] == ["hello", "world"]
     assert job.output == "s3://bucket/runs/7/"
     assert job.params == {"normalize": True, "k": 3}
 
@@ -216,7 +216,7 @@ def test_hostile_shapes_are_job_errors_not_crashes(raw, code, says):
 def test_brackets_inside_strings_do_not_count_as_nesting():
     text = "[" * 100 + '\\"{' * 50
     job = parse_job(json.dumps({"job_id": "x", "model": "m", "inputs": {"rows": [{"id": "1", "text": text}]}}).encode())
-    assert job.inputs.rows[0].model_extra["text"] == text
+    assert job.inputs.rows[0]["text"] == text
 
 
 def test_a_legitimate_100k_row_job_fits_every_bound():

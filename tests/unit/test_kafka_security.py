@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import spotbatch.cli.publish as cli
 import spotbatch.kafka_admin as kafka_admin
-import spotbatch.workers.worker as worker_mod
+import spotbatch.workers.broker as broker_mod
 from spotbatch.config import ConfigError, load_settings
 from spotbatch.kafka_security import client_options
 
@@ -127,7 +127,7 @@ class Recorder:
 
     def __call__(self, **kwargs):
         self.calls.append(kwargs)
-        return types.SimpleNamespace(close=lambda *a, **k: None)
+        return types.SimpleNamespace(close=lambda *a, **k: None, poll=lambda **k: {})
 
 
 def _sasl_settings():
@@ -140,11 +140,10 @@ WANTED = {"security_protocol": "SASL_SSL", "sasl_mechanism": "SCRAM-SHA-512",
 
 def test_worker_consumer_and_producer_get_the_options(monkeypatch):
     consumer, producer = Recorder(), Recorder()
-    monkeypatch.setattr(worker_mod, "KafkaConsumer", consumer)
-    monkeypatch.setattr(worker_mod, "KafkaProducer", producer)
-    fake = types.SimpleNamespace(settings=_sasl_settings(), worker_id="w-1")
-    worker_mod.Worker._make_consumer(fake)
-    worker_mod.Worker._make_producer(fake)
+    monkeypatch.setattr(broker_mod, "KafkaConsumer", consumer)
+    monkeypatch.setattr(broker_mod, "KafkaProducer", producer)
+    broker_mod.KafkaBroker().consumer(_sasl_settings(), "w-1")
+    broker_mod.KafkaBroker().producer(_sasl_settings(), "w-1")
     for (kwargs,) in (consumer.calls, producer.calls):
         assert kwargs["bootstrap_servers"] == "broker:9096"
         assert WANTED.items() <= kwargs.items()
@@ -152,8 +151,8 @@ def test_worker_consumer_and_producer_get_the_options(monkeypatch):
 
 def test_worker_clients_are_unchanged_on_plaintext(monkeypatch):
     consumer = Recorder()
-    monkeypatch.setattr(worker_mod, "KafkaConsumer", consumer)
-    worker_mod.Worker._make_consumer(types.SimpleNamespace(settings=load_settings(), worker_id="w-1"))
+    monkeypatch.setattr(broker_mod, "KafkaConsumer", consumer)
+    broker_mod.KafkaBroker().consumer(load_settings(), "w-1")
     assert not {"security_protocol", "sasl_mechanism", "ssl_cafile"} & set(consumer.calls[0])
 
 

@@ -53,9 +53,9 @@ def test_rows_to_jobs_groups_rows():
     assert [j.job_id for j in jobs] == ["docs-000000", "docs-000001", "docs-000002"]
     assert [len(j.inputs.rows) for j in jobs] == [3, 3, 1]
     assert all(j.model == "tiny" for j in jobs)
-    assert [r.id for j in jobs for r in j.inputs.rows] == [str(i) for i in range(7)]
+    assert [r["id"] for j in jobs for r in j.inputs.rows] == [str(i) for i in range(7)]
     row = jobs[2].inputs.rows[0]
-    assert row.model_extra == {"text": "row 6"}  # only id + the input column travel
+    assert row == {"id": "6", "text": "row 6"}  # only id + the input column travel
     assert jobs[0].output is None and jobs[0].params == {}
 
 
@@ -76,7 +76,7 @@ def test_rows_to_jobs_is_deterministic():
 
 def test_rows_to_jobs_custom_input_column():
     jobs = list(rows_to_jobs(_rows(1, "x"), model="m", input_column="x", rows_per_job=10, prefix="p"))
-    assert jobs[0].inputs.rows[0].model_extra == {"x": "row 0"}
+    assert jobs[0].inputs.rows[0] == {"id": "0", "x": "row 0"}
 
 
 @pytest.mark.parametrize("bad_row,missing", [({"text": "no id"}, "id"), ({"id": "z"}, "text")])
