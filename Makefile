@@ -35,6 +35,7 @@ demo: setup
 	$(VENV)/bin/spotbatch demo
 
 test: setup prometheus-tools
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest -q
 
 chaos: setup

@@ -326,7 +326,7 @@ def usage_records(bootstrap: str) -> dict[str, list[dict]]:
 
 def _fake_aws():
     try:  # the fakes moved into the package (the demo uses them); tests/ keeps a shim
-        from spotbatch.fake_metadata import FakeAws
+        from spotbatch.testing.metadata import FakeAws
     except ImportError:
         from tests.fake_metadata import FakeAws
     return FakeAws()

@@ -1,45 +1,37 @@
-"""Fault injection for chaos tests: a real SIGKILL at a named point of the worker loop.
+"""Fault hook points of the worker loop; tests install what happens there.
 
-Set ``SPOTBATCH_CHAOS=<point>:<n>`` (e.g. ``after_write:3``) and the worker kills
-itself with SIGKILL the n-th time it reaches ``<point>``. Points:
+The worker calls ``reached(point)`` at each named point. In the product nothing is
+installed and the call returns at once; a test installs a hook (``install``), e.g.
+``spotbatch.testing.faults.KillAt``, a real SIGKILL the n-th time a point is reached
+(in a worker subprocess, through the test shim tests/chaos/shim/sitecustomize.py).
+Points:
 
 - ``after_write``: an output (a job's, or a part's and its checkpoint) is durable; its
   offset is not committed yet.
 - ``after_commit``: offsets were just committed.
-
-Unset (the default), every call is a dictionary lookup and nothing else.
 """
 
 from __future__ import annotations
 
-import os
-import signal
-import threading
+from typing import Callable, Optional
 
-__all__ = ["reached", "POINTS"]
+__all__ = ["reached", "install", "POINTS"]
 
 POINTS = ("after_write", "after_commit")
 
-
-def _parse(spec: str) -> tuple[str, int] | None:
-    if not spec:
-        return None
-    point, _, count = spec.partition(":")
-    if point not in POINTS or not count.isdigit() or int(count) < 1:
-        raise ValueError(f"SPOTBATCH_CHAOS={spec!r}: use <point>:<n> with point in {POINTS} and n >= 1")
-    return point, int(count)
+Hook = Callable[[str], None]
+_hook: Optional[Hook] = None
 
 
-_PLAN = _parse(os.environ.get("SPOTBATCH_CHAOS", ""))
-_seen: dict[str, int] = {}
-_lock = threading.Lock()  # points are reached on the owner and the I/O threads
+def install(hook: Optional[Hook]) -> Optional[Hook]:
+    """Call ``hook(point)`` at every point from now on (None: nothing); returns the
+    hook it replaces, so a test can put it back."""
+    global _hook
+    previous, _hook = _hook, hook
+    return previous
 
 
 def reached(point: str) -> None:
-    if _PLAN is None or _PLAN[0] != point:
-        return
-    with _lock:
-        _seen[point] = _seen.get(point, 0) + 1
-        due = _seen[point] >= _PLAN[1]
-    if due:
-        os.kill(os.getpid(), signal.SIGKILL)
+    hook = _hook
+    if hook is not None:
+        hook(point)

@@ -26,14 +26,14 @@ from kafka import KafkaConsumer, KafkaProducer
 from kafka.structs import TopicPartition
 
 from spotbatch.embedded import start_or_external
-from spotbatch.fake_metadata import FakeAws
+from spotbatch.testing.metadata import FakeAws
 from spotbatch.kafka_admin import ensure_topics, read_all
 from spotbatch.publish import publish_jobs, rows_to_jobs
+from spotbatch.records import StatusRecord, StopCause, dlq_topic, interruptions, results_topic
 from spotbatch.scaler.backlog import GroupBacklog
 from spotbatch.scaler.decide import ScalePolicy
 from spotbatch.scaler.local import SCALE_ACTIONS, LocalAutoscaler
 from spotbatch.scaler.procs import WorkerCrashLoop, WorkerPool
-from spotbatch.workers.streams import dlq_topic, results_topic
 
 __all__ = ["DemoOptions", "DemoSummary", "OutputNotEmpty", "prepare_output", "run_demo", "sample_corpus"]
 
@@ -166,15 +166,15 @@ def run_demo(opts: DemoOptions, on_progress: OnProgress | None = None, log=print
         finally:
             fleet.stop()
         dlq = len(read_all(broker.bootstrap, dlq_topic(topic), timeout_s=30))
-        drains = [json.loads(r.value) for r in read_all(broker.bootstrap, usage, timeout_s=30)]
+        drains = interruptions(r.value for r in read_all(broker.bootstrap, usage, timeout_s=30))
         cost = _cost_report(broker.bootstrap, usage, log)
-    spot = [d for d in drains if d.get("kind") == "interruption" and str(d.get("reason", "")).startswith("aws")]
+    spot = [d for d in drains if d.cause is StopCause.AWS]  # the demo's notices come from fake AWS endpoints
     return DemoSummary(jobs=jobs, rows=done_rows, failed=failed, dlq=dlq, seconds=round(seconds, 2),
                        rows_per_s=round(done_rows / seconds, 1) if seconds else 0.0, output=str(output),
                        workers=opts.workers, model=opts.model, interruptions=len(spot),
                        notices_sent=fleet.notices_sent,
-                       rows_recomputed=sum(d["rows_lost"] for d in spot),
-                       max_drain_s=max((d["drain_s"] for d in spot), default=0.0), cost=cost,
+                       rows_recomputed=sum(d.rows_lost for d in spot),
+                       max_drain_s=max((d.drain_s for d in spot), default=0.0), cost=cost,
                        max_replicas=fleet.scaler.max_replicas, scale_events=fleet.scale_events())
 
 
@@ -315,7 +315,7 @@ def _follow(bootstrap: str, topic: str, jobs: int, opts: DemoOptions, fleet: _Fl
     """
     reader = KafkaConsumer(bootstrap_servers=bootstrap, enable_auto_commit=False, auto_offset_reset="earliest")
     reader.assign([TopicPartition(results_topic(topic), 0)])
-    seen: dict[str, dict] = {}  # job id -> latest status (redeliveries repeat a job)
+    seen: dict[str, StatusRecord] = {}  # job id -> latest status (redeliveries repeat a job)
     deadline = time.monotonic() + opts.timeout_s
     try:
         while len(seen) < jobs:
@@ -326,9 +326,9 @@ def _follow(bootstrap: str, topic: str, jobs: int, opts: DemoOptions, fleet: _Fl
                 fleet.interrupt_one()
             for recs in reader.poll(timeout_ms=200).values():
                 for rec in recs:
-                    status = json.loads(rec.value)
-                    key = status["job_id"] or f"?{rec.offset}"
-                    if not (status.get("already_done") and key in seen):  # a redelivery's report adds nothing
+                    status = StatusRecord.parse(json.loads(rec.value))
+                    key = status.job_id or f"?{rec.offset}"
+                    if not (status.already_done and key in seen):  # a redelivery's report adds nothing
                         seen[key] = status
             if on_progress:
                 on_progress(*_tally(seen), fleet.replicas)
@@ -338,9 +338,9 @@ def _follow(bootstrap: str, topic: str, jobs: int, opts: DemoOptions, fleet: _Fl
     return rows, failed
 
 
-def _tally(seen: dict[str, dict]) -> tuple[int, int, int]:
-    ok = [s for s in seen.values() if s["status"] == "ok"]
-    return len(seen), sum(s.get("rows", 0) for s in ok), len(seen) - len(ok)
+def _tally(seen: dict[str, StatusRecord]) -> tuple[int, int, int]:
+    ok = [s for s in seen.values() if s.status == "ok"]
+    return len(seen), sum(s.rows for s in ok), len(seen) - len(ok)
 
 
 def summary_json(summary: DemoSummary) -> str:

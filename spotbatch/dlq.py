@@ -22,6 +22,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Optional
 
+from spotbatch.records import HEADER_PREFIX as PREFIX
+from spotbatch.records import DeadLetterHeaders, dead_letter_key, dlq_topic
+
 __all__ = [
     "DeadLetter",
     "parse_dead_letter",
@@ -36,26 +39,14 @@ __all__ = [
     "parse_offset",
 ]
 
-PREFIX = "spotbatch."
 SOURCE_KEY_HEADER = PREFIX + "source.key"
-TRUNCATED_HEADER = PREFIX + "original.truncated"
-SIZE_HEADER = PREFIX + "original.size"
-SHA256_HEADER = PREFIX + "original.sha256"
 URI_HEADER = PREFIX + "original.uri"
-# Headers the dead-letter writer adds; everything else came with the original record.
-_OURS = {PREFIX + n for n in ("error.code", "error.reason", "source.topic", "source.partition", "source.offset",
-                              "source.key", "worker")}
-_OURS_PREFIXES = (PREFIX + "original.",)
+SHA256_HEADER = PREFIX + "original.sha256"
 
 
 def dlq_topic_of(topic: str) -> str:
-    """``<topic>.dlq`` (as spotbatch.workers.streams.dlq_topic; not imported: that package loads torch)."""
-    return f"{topic}.dlq"
-
-
-def dead_letter_key(topic: str, partition: int, offset: int) -> bytes:
-    """The key a dead letter is written with: its source coordinates."""
-    return f"{topic}:{partition}:{offset}".encode()
+    """``<topic>.dlq`` (spotbatch.records.dlq_topic, the name the workers write to)."""
+    return dlq_topic(topic)
 
 
 class RedriveRefused(Exception):
@@ -121,17 +112,6 @@ def _text(data: Optional[bytes]) -> Optional[str]:
         return "hex:" + data.hex()
 
 
-def _int(raw: Optional[bytes]) -> Optional[int]:
-    try:
-        return int(raw) if raw is not None else None
-    except ValueError:
-        return None
-
-
-def _str(raw: Optional[bytes]) -> Optional[str]:
-    return raw.decode(errors="replace") if raw is not None else None
-
-
 _JOB_ID_RE = re.compile(rb'"job_id"\s*:\s*"([A-Za-z0-9][A-Za-z0-9._-]{0,127})"')
 
 
@@ -150,27 +130,21 @@ def _job_id(value: Optional[bytes], *, truncated: bool = False) -> Optional[str]
 
 def parse_dead_letter(record: Any) -> DeadLetter:
     """A DLQ record (kafka-python ConsumerRecord or alike) as a DeadLetter."""
-    headers = [(k, v if v is not None else b"") for k, v in (record.headers or [])]
-    ours = {k: v for k, v in headers if k in _OURS or k.startswith(_OURS_PREFIXES)}  # the last of each wins
-    original = [(k, v) for k, v in headers if not (k in _OURS or k.startswith(_OURS_PREFIXES))]
-    topic, partition, offset = (_str(ours.get(PREFIX + "source.topic")), _int(ours.get(PREFIX + "source.partition")),
-                                _int(ours.get(PREFIX + "source.offset")))
-    if SOURCE_KEY_HEADER in ours:
-        key = ours[SOURCE_KEY_HEADER]
+    ours, original = DeadLetterHeaders.split(record.headers)
+    topic, partition, offset = ours.source_topic, ours.source_partition, ours.source_offset
+    if ours.source_key is not None:
+        key = ours.source_key
     elif partition is not None and offset is not None and record.key == dead_letter_key(topic or "", partition, offset):
         key = None  # keyed by coordinates, and the original had no key
     else:
         key = record.key  # written before dead letters were keyed by coordinates
     value = record.value
-    truncated = ours.get(TRUNCATED_HEADER, b"").strip() in (b"1", b"true")
     return DeadLetter(
         dlq_partition=record.partition, dlq_offset=record.offset, timestamp=getattr(record, "timestamp", 0) or 0,
-        source_topic=topic, source_partition=partition, source_offset=offset,
-        code=_str(ours.get(PREFIX + "error.code")), reason=_str(ours.get(PREFIX + "error.reason")) or "",
-        key=key, value=value, headers=original, worker=_str(ours.get(PREFIX + "worker")),
-        truncated=truncated,
-        original_size=_int(ours.get(SIZE_HEADER)), original_sha256=_str(ours.get(SHA256_HEADER)),
-        original_uri=_str(ours.get(URI_HEADER)) or None, job_id=_job_id(value, truncated=truncated),
+        source_topic=topic, source_partition=partition, source_offset=offset, code=ours.code, reason=ours.reason,
+        key=key, value=value, headers=original, worker=ours.worker, truncated=ours.truncated,
+        original_size=ours.original_size, original_sha256=ours.original_sha256, original_uri=ours.original_uri,
+        job_id=_job_id(value, truncated=ours.truncated),
     )
 
 

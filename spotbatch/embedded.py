@@ -16,13 +16,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
+
+from spotbatch.retry import attempts, poll_until
 
 __all__ = [
     "BOOTSTRAP_ENV",
@@ -82,19 +83,20 @@ class EmbeddedBroker:
         self.stop()  # reap a previous run that crashed, and remove its log dir
         if self._wanted_port:
             _check_port_free(self._wanted_port)
-        attempts = 1 if self._wanted_port else _PORT_ATTEMPTS
-        for _ in range(attempts):
-            self._spawn(self._wanted_port or _free_port())
-            try:
-                self._wait_ready()
-                return self
-            except _ExitedEarly as exc:
-                self.stop()
-                exited = exc
-            except BaseException:
-                self.stop()
-                raise
-        raise RuntimeError(f"Tansu exited during start-up ({attempts} attempt(s)): {exited}")
+        tries = 1 if self._wanted_port else _PORT_ATTEMPTS  # a free port can be taken between pick and bind
+        try:
+            attempts("tansu start", retry_on=_ExitedEarly, max_attempts=tries)(self._start_once)()
+        except _ExitedEarly as exc:
+            raise RuntimeError(f"Tansu exited during start-up ({tries} attempt(s)): {exc}") from None
+        return self
+
+    def _start_once(self) -> None:
+        self._spawn(self._wanted_port or _free_port())
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """SIGTERM, wait, SIGKILL after stop_timeout_s. Safe to call any number of times."""
@@ -135,20 +137,20 @@ class EmbeddedBroker:
         self._finalizer = weakref.finalize(self, _shutdown, proc, log_dir, self._stop_timeout_s)
 
     def _wait_ready(self) -> None:
-        assert self._proc is not None
-        deadline = time.monotonic() + self._startup_timeout_s
-        while True:
-            if self._proc.poll() is not None:
-                raise _ExitedEarly(f"exit code {self._proc.returncode}\n{self.log_tail()}")
+        proc = self._proc
+        assert proc is not None
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise _ExitedEarly(f"exit code {proc.returncode}\n{self.log_tail()}")
             # Re-check our process after the probe: had Tansu lost the port to another
             # listener, the probe could have been answered by that one.
-            if _metadata_ok(self.bootstrap) and self._proc.poll() is None:
-                return
-            if time.monotonic() > deadline:
-                raise RuntimeError(
-                    f"Tansu on {self.bootstrap} did not answer a Kafka metadata request "
-                    f"within {self._startup_timeout_s:g}s. Log tail:\n{self.log_tail()}")
-            time.sleep(0.05)
+            return _metadata_ok(self.bootstrap) and proc.poll() is None
+
+        if not poll_until(ready, budget_s=self._startup_timeout_s, interval_s=0.05):
+            raise RuntimeError(
+                f"Tansu on {self.bootstrap} did not answer a Kafka metadata request "
+                f"within {self._startup_timeout_s:g}s. Log tail:\n{self.log_tail()}")
 
 
 @dataclass(frozen=True)

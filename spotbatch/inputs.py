@@ -28,9 +28,9 @@ import botocore.exceptions
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from spotbatch.errors import JobError
+from spotbatch.errors import Disposition, JobError, classify
 from spotbatch.input_access import open_regular
-from spotbatch.storage import is_transient, parse_uri, store_for
+from spotbatch.storage import parse_uri, store_for
 
 __all__ = ["InputLimits", "RowReader", "open_input", "read_rows", "count_rows", "iter_rows", "input_format"]
 
@@ -315,7 +315,7 @@ def _open(uri: str) -> BinaryIO:
 
 
 def _s3_refusal(uri: str, exc: botocore.exceptions.ClientError) -> Exception:
-    if is_transient(exc):  # S3 itself is in trouble: an infrastructure fault, retried
+    if classify(exc) is Disposition.RETRY:  # S3 itself is in trouble: an infrastructure fault, retried
         return exc
     code = exc.response.get("Error", {}).get("Code", "error")
     if code == "PreconditionFailed":  # the ETag seen at open no longer matches

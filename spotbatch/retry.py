@@ -6,10 +6,14 @@ bound and a hard time budget (``stop_before_delay`` never starts a sleep that wo
 cross it, unlike ``stop_after_delay``), jittered exponential backoff, re-raises the
 original exception when it gives up, and logs one WARNING line before each sleep.
 
-Only transient faults are retried. A JobError (the job itself is bad) and a CUDA
+Only transient faults are retried (the predicates and the one classifier,
+``classify``, live in spotbatch.errors). A JobError (the job itself is bad) and a CUDA
 out-of-memory error (the runner splits the batch instead) never are.
 
-The S3 policy is built with :func:`retry_policy` where S3 lives: storage.S3_RETRY.
+Besides the fault policies: ``reload_retry`` for optimistic-concurrency races (a
+checkpoint saved under us, a metadata token gone stale: refresh, try again at once),
+``attempts`` for a bounded number of fresh starts, and ``poll_until`` for waiting on a
+condition with a deadline.
 """
 
 from __future__ import annotations
@@ -18,18 +22,24 @@ import logging
 import sys
 from typing import Any, Callable
 
-import kafka.errors
 import tenacity
 
-from spotbatch.errors import JobError
+from spotbatch.errors import TransientModelError, is_transient_kafka, is_transient_model, is_transient_s3
 
 __all__ = [
     "kafka_retry",
     "model_retry",
+    "S3_RETRY",
+    "reload_retry",
+    "attempts",
+    "poll_until",
     "retry_policy",
+    "TryAgain",
     "TransientModelError",
     "is_transient_kafka",
     "is_transient_model",
+    "is_transient_s3",
+    "is_stale",
 ]
 
 log = logging.getLogger(__name__)
@@ -37,9 +47,9 @@ log = logging.getLogger(__name__)
 Predicate = Callable[[BaseException], bool]
 
 
-class TransientModelError(RuntimeError):
-    """Raise (or chain) from a model handler to say "this may work if tried again",
-    e.g. a weights download that timed out or a remote model server that hiccuped."""
+class TryAgain(Exception):
+    """Raised by a call that found its state stale and refreshed it (a token, a
+    generation): the same call may succeed at once (``reload_retry``)."""
 
 
 def retry_policy(
@@ -81,27 +91,32 @@ def _one_line(exc: BaseException | None) -> str:
     return f"{kind}: {text}" if text and not text.startswith(kind) else (text or kind)
 
 
-def is_transient_kafka(exc: BaseException) -> bool:
-    """kafka-python marks what is worth retrying: ``KafkaError.retriable`` (connection
-    loss, timeouts, node not ready, leader moved, coordinator loading, ...)."""
-    return isinstance(exc, kafka.errors.KafkaError) and bool(getattr(exc, "retriable", False))
+def is_stale(exc: BaseException) -> bool:
+    """A race lost to another writer or an expired credential: reload and try again."""
+    if isinstance(exc, TryAgain):
+        return True
+    # Only look when the checkpoint stores are loaded (without them no StaleCheckpoint
+    # exists); importing them here would make storage -> retry -> checkpointing -> storage.
+    store = sys.modules.get("spotbatch.checkpointing.store")
+    return store is not None and isinstance(exc, store.StaleCheckpoint)
 
 
-def is_transient_model(exc: BaseException) -> bool:
-    """Network-ish failures and explicit TransientModelError; never a JobError or OOM."""
-    if isinstance(exc, JobError) or _is_oom(exc):
-        return False
-    return isinstance(exc, (TransientModelError, ConnectionError, TimeoutError))
+def attempts(name: str, *, retry_on: type[BaseException] | tuple[type[BaseException], ...],
+             max_attempts: int) -> Callable[..., Any]:
+    """Up to ``max_attempts`` fresh starts, at once, while ``retry_on`` is raised
+    (e.g. a child process that lost its port); then the last one re-raises."""
+    return tenacity.retry(stop=tenacity.stop_after_attempt(max_attempts),
+                          retry=tenacity.retry_if_exception_type(retry_on),
+                          before_sleep=_log_before_sleep(name), reraise=True)
 
 
-def _is_oom(exc: BaseException) -> bool:
-    # Only ask torch when it is already loaded: importing it here would cost seconds
-    # in processes (scaler, CLI) that never run a model, and without torch no OOM exists.
-    if "torch" not in sys.modules:
-        return False
-    from spotbatch.models.devices import is_oom
-
-    return is_oom(exc)
+def poll_until(check: Callable[[], bool], *, budget_s: float, interval_s: float) -> bool:
+    """Call ``check`` every ``interval_s`` until it returns True (True) or ``budget_s``
+    has passed (False). What ``check`` raises propagates at once."""
+    poller = tenacity.Retrying(stop=tenacity.stop_after_delay(budget_s), wait=tenacity.wait_fixed(interval_s),
+                               retry=tenacity.retry_if_result(lambda ok: not ok),
+                               retry_error_callback=lambda state: False)
+    return bool(poller(check))
 
 
 # A commit or fetch that fails for longer than ~20 s is not a blip; the budget also
@@ -114,4 +129,18 @@ kafka_retry = retry_policy(
 # the job's attempt count (checkpointing.Progress.attempts) takes over from there.
 model_retry = retry_policy(
     "model", retry_if=is_transient_model, max_attempts=3, budget_s=30.0, multiplier=1.0, max_wait_s=10.0,
+)
+
+# The one S3 policy. botocore's own retries are switched off (storage._make_client) so
+# attempts do not multiply; everything else (NoSuchKey, AccessDenied) fails at once.
+# The budget rides out a ~25 s S3 brownout without restarting the worker.
+S3_RETRY = retry_policy(
+    "s3", retry_if=is_transient_s3, max_attempts=12, budget_s=30.0, multiplier=0.2, max_wait_s=5.0,
+)
+
+# Races are short: two workers on one job during a rebalance overlap, or an IMDS token
+# that expired between two calls. Each try reloads first, so no wait; a race lost ten
+# times running means something is stuck, and the caller says so.
+reload_retry = retry_policy(
+    "reload", retry_if=is_stale, max_attempts=10, budget_s=30.0, multiplier=0.0, max_wait_s=0.0,
 )

@@ -16,7 +16,6 @@ import os
 import posixpath
 import re
 import sys
-import threading
 from dataclasses import dataclass
 from typing import BinaryIO, Callable, Protocol
 from urllib.parse import unquote, urlsplit
@@ -25,8 +24,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
-from spotbatch.errors import JobError
-from spotbatch.retry import retry_policy
+from spotbatch.errors import Disposition, JobError, classify
+from spotbatch.retry import S3_RETRY
 from spotbatch.s3_range import open_range_file
 
 __all__ = [
@@ -38,10 +37,7 @@ __all__ = [
     "ObjectStore",
     "LocalStore",
     "S3Store",
-    "MemoryStore",
-    "S3_RETRY",
     "store_for",
-    "is_transient",
     "path_under",
 ]
 
@@ -299,31 +295,6 @@ def _fsync_dir(folder: str) -> None:
         os.close(fd)
 
 
-_THROTTLE_CODES = frozenset({
-    "Throttling", "ThrottlingException", "ThrottledException", "RequestThrottled",
-    "SlowDown", "TooManyRequestsException", "RequestLimitExceeded",
-    "RequestTimeout", "RequestTimeoutException", "InternalError", "ServiceUnavailable",
-})
-
-
-def is_transient(exc: BaseException) -> bool:
-    """Connection trouble, throttling and S3's own 5xx: worth another try."""
-    if isinstance(exc, (botocore.exceptions.ConnectionError, botocore.exceptions.HTTPClientError)):
-        return True
-    if isinstance(exc, botocore.exceptions.ClientError):
-        err = exc.response.get("Error", {})
-        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        return err.get("Code") in _THROTTLE_CODES or status in (500, 502, 503, 504)
-    return False
-
-
-# The one S3 retry policy. botocore's own retries are switched off (see _make_client)
-# so attempts do not multiply; everything else (NoSuchKey, AccessDenied) fails at once.
-# The budget rides out a ~25 s S3 brownout without restarting the worker.
-S3_RETRY = retry_policy(
-    "s3", retry_if=is_transient, max_attempts=12, budget_s=30.0, multiplier=0.2, max_wait_s=5.0,
-)
-
 _MISSING_CODES = frozenset({"NoSuchKey", "NoSuchBucket", "404", "NotFound"})
 
 
@@ -385,7 +356,7 @@ class S3Store:
             try:
                 return self._get_range(loc.bucket, loc.path, etag, start, stop)
             except botocore.exceptions.ClientError as exc:
-                if refused is None or is_transient(exc):
+                if refused is None or classify(exc) is Disposition.RETRY:
                     raise
                 raise refused(exc) from None
 
@@ -423,31 +394,6 @@ def _make_client(endpoint_url: str | None):
         s3={"addressing_style": "path"} if endpoint_url else None,
     )
     return boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
-
-
-class MemoryStore:
-    """In-memory store for unit tests of code that takes an ObjectStore."""
-
-    def __init__(self) -> None:
-        self.objects: dict[str, bytes] = {}
-        self._lock = threading.Lock()
-
-    def read_bytes(self, uri: str) -> bytes:
-        try:
-            return self.objects[normalize_uri(uri)]
-        except KeyError:
-            raise FileNotFoundError(f"no such object: {uri}") from None
-
-    def write_atomic(self, uri: str, data: bytes, *, sync: bool = True) -> None:
-        with self._lock:
-            self.objects[normalize_uri(uri)] = bytes(data)
-
-    def write_many(self, items: list[tuple[str, bytes]]) -> None:
-        for uri, data in items:
-            self.write_atomic(uri, data)
-
-    def exists(self, uri: str) -> bool:
-        return normalize_uri(uri) in self.objects
 
 
 _LOCAL = LocalStore()

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import botocore.exceptions
 
-from spotbatch.storage import S3_RETRY, _env_endpoint, _is_missing, _make_client, parse_uri
+from spotbatch.retry import S3_RETRY
+from spotbatch.storage import _env_endpoint, _is_missing, _make_client, parse_uri
 
 from .progress import Progress
 from .store import StaleCheckpoint, check_job_id, decode, next_generation

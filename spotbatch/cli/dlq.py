@@ -14,7 +14,6 @@ from spotbatch.dlq import (
     DeadLetter,
     RedriveRefused,
     dedupe,
-    dlq_topic_of,
     find,
     original_bytes,
     parse_dead_letter,
@@ -22,6 +21,7 @@ from spotbatch.dlq import (
     select,
 )
 from spotbatch.kafka_security import client_options
+from spotbatch.records import dlq_topic
 
 __all__ = ["register"]
 
@@ -45,7 +45,7 @@ def _load(*, topic: str, bootstrap: Optional[str], config: Optional[Path], timeo
 
     from spotbatch.kafka_admin import read_all
     settings = load_or_exit(config, kafka_bootstrap=bootstrap, topic=topic)
-    name = dlq_topic_of(settings.topic)
+    name = dlq_topic(settings.topic)
     try:
         records = read_all(settings.kafka_bootstrap, name, timeout_s=timeout_s,
                            client_options={"bootstrap_timeout_ms": int(min(timeout_s, 10.0) * 1000),

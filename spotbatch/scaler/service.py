@@ -637,31 +637,7 @@ def serve(*, port: int = 9090, metrics_port: int | None = 9091, host: str = "0.0
 
 
 def _serve_http(host: str, port: int, registry: CollectorRegistry):
-    """/metrics (Prometheus) and /healthz on a daemon thread."""
-    from socketserver import ThreadingMixIn
-    from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+    """/metrics (Prometheus) and /healthz (always ok while serving) on a daemon thread."""
+    from spotbatch.metrics_http import serve_http
 
-    from prometheus_client import make_wsgi_app
-
-    metrics_app = make_wsgi_app(registry)
-
-    def app(environ, start_response):
-        path = environ.get("PATH_INFO", "")
-        if path == "/healthz":
-            start_response("200 OK", [("Content-Type", "text/plain")])
-            return [b"ok\n"]
-        if path == "/metrics":
-            return metrics_app(environ, start_response)
-        start_response("404 Not Found", [("Content-Type", "text/plain")])
-        return [b"not found: try /metrics or /healthz\n"]
-
-    class Server(ThreadingMixIn, WSGIServer):
-        daemon_threads = True
-
-    class QuietHandler(WSGIRequestHandler):
-        def log_message(self, *args) -> None:  # scrapes are not worth a log line each
-            pass
-
-    httpd = make_server(host, port, app, server_class=Server, handler_class=QuietHandler)
-    threading.Thread(target=httpd.serve_forever, name="scaler-http", daemon=True).start()
-    return httpd
+    return serve_http(port, registry, host=host, name="scaler-http")

@@ -16,7 +16,6 @@ only feed them from Kafka.
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import threading
 import time
@@ -28,6 +27,7 @@ from spotbatch.errors import JobError
 from spotbatch.input_access import InputPolicy
 from spotbatch.inputs import count_rows
 from spotbatch.jobs import Job, parse_job
+from spotbatch.records import UsageRecord, usage_or_none
 from spotbatch.usage_tail import UsageTail
 
 __all__ = [
@@ -57,6 +57,8 @@ class JobRows:
 
 @dataclass(frozen=True)
 class UsageSample:
+    """What ``learned_rate`` reads of a usage record (a UsageRecord has the same fields)."""
+
     record_id: str
     worker: str
     end: float  # epoch s
@@ -76,7 +78,7 @@ def pending_rows(jobs: Iterable[JobRows], rows_done: Mapping[str, int]) -> int:
     return total
 
 
-def learned_rate(samples: Iterable[UsageSample], *, now: float, window_s: float, default: float) -> float:
+def learned_rate(samples: Iterable[UsageSample | UsageRecord], *, now: float, window_s: float, default: float) -> float:
     """Rows/s per replica: sum(rows) / sum(seconds_busy) of samples ending within
     ``window_s`` of ``now``; ``default`` until some busy time is reported."""
     rows = busy = 0.0
@@ -199,7 +201,8 @@ class UsageRates:
 
     def __init__(self, reader, topic: str, *, window_s: float = 600.0,
                  clock: Callable[[], float] = time.time, max_samples: int = 100_000) -> None:
-        self._tail = UsageTail(reader, topic, parse=_usage_sample, record_id=lambda s: s.record_id,
+        # Other kinds (interruption records) and unreadable records are not ours: None.
+        self._tail = UsageTail(reader, topic, parse=usage_or_none, record_id=lambda s: s.record_id,
                                end=lambda s: s.end, window_s=window_s, clock=clock, max_items=max_samples)
         self._window_s = window_s
         self._clock = clock
@@ -207,14 +210,3 @@ class UsageRates:
     def rate(self, default: float) -> float:
         return learned_rate(self._tail.items(), now=self._clock(), window_s=self._window_s, default=default)
 
-
-def _usage_sample(value: bytes | None) -> UsageSample | None:
-    """A usage record as a sample; None for other kinds or unreadable records."""
-    try:
-        data = json.loads(value or b"")
-        if data.get("kind") != "usage":
-            return None  # interruption records and future kinds: not ours
-        return UsageSample(record_id=str(data["record_id"]), worker=str(data["worker"]), end=float(data["end"]),
-                           rows=int(data["rows"]), seconds_busy=float(data["seconds_busy"]))
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None

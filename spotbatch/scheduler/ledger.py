@@ -1,6 +1,6 @@
 """The usage ledger: workers' usage records, de-duplicated, clipped to a time window.
 
-Records come from the usage topic (see spotbatch/workers/usage.py for the fields).
+Records come from the usage topic (the schema: spotbatch.records.UsageRecord).
 Each covers a disjoint interval [start, end) of one worker's life, so sums over
 distinct ``record_id`` add up; a redelivered record counts once. Other kinds on the
 topic (``interruption``) and unknown versions are skipped, malformed values counted.
@@ -18,7 +18,6 @@ record stamped >= since - LOOKBACK_MARGIN_S, and decodes only records stamped so
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Iterable, Mapping
@@ -27,13 +26,11 @@ from datetime import datetime, timezone
 from typing import Any
 
 from spotbatch.durations import DurationError, parse_duration_s
+from spotbatch.records import POOLS, NotOurs, UsageRecord, parse_usage
 
-__all__ = ["UsageRecord", "Window", "Usage", "Ledger", "LedgerError", "parse_when", "read_ledger", "POOLS", "LOOKBACK_MARGIN_S"]
+__all__ = ["UsageRecord", "Window", "Usage", "Ledger", "LedgerError", "parse_when", "read_ledger", "POOLS", "LOOKBACK_MARGIN_S",
+           "share", "ends_in"]
 
-POOLS = ("spot", "on-demand", "unknown")  # unknown: a worker not told its pool; priced on-demand
-_VERSION = 1
-_NUMBERS = ("start", "end", "seconds_alive", "seconds_busy")
-_COUNTS = ("gpus", "rows", "jobs", "interruptions", "rows_recomputed")
 _RELATIVE_UNITS = ("s", "m", "h", "d", "w")  # --since -90s ... -2w
 # How far before ``since`` a windowed read starts, by Kafka timestamp. A record's
 # timestamp is the producer's wall clock at send (the interval's end, see
@@ -47,60 +44,19 @@ class LedgerError(ValueError):
     """A bad window or an unreadable topic; one line that says the fix."""
 
 
-@dataclass(frozen=True)
-class UsageRecord:
-    record_id: str
-    worker: str
-    pool: str
-    instance_type: str
-    gpus: int
-    start: float
-    end: float
-    seconds_alive: float
-    seconds_busy: float
-    rows: int
-    jobs: int
-    interruptions: int
-    rows_recomputed: int
-    final: bool
-
-    @classmethod
-    def parse(cls, body: Mapping[str, Any]) -> UsageRecord:
-        """Validate one usage record (``kind == "usage"``); ValueError if malformed."""
-        if body.get("pool") not in POOLS:
-            raise ValueError(f"pool {body.get('pool')!r}")
-        fields = {k: _number(body, k) for k in _NUMBERS} | {k: _count(body, k) for k in _COUNTS}
-        if fields["end"] < fields["start"]:
-            raise ValueError("end before start")
-        texts = {k: str(body[k]) for k in ("record_id", "worker", "instance_type")}
-        return cls(**texts, pool=body["pool"], final=bool(body.get("final", False)), **fields)
-
-    def share(self, window: Window) -> float:
-        """The fraction of this record's interval inside ``window`` (0..1)."""
-        lo, hi = window.bounds()
-        if self.end == self.start:  # an instant: in or out, by the same rule as events
-            return 1.0 if self.ends_in(window) else 0.0
-        overlap = min(self.end, hi) - max(self.start, lo)
-        return max(0.0, overlap) / (self.end - self.start)
-
-    def ends_in(self, window: Window) -> bool:
-        """Whether the end lies in (since, until]: adjacent windows split events exactly."""
-        lo, hi = window.bounds()
-        return lo < self.end <= hi
+def share(rec: UsageRecord, window: Window) -> float:
+    """The fraction of a record's interval inside ``window`` (0..1)."""
+    lo, hi = window.bounds()
+    if rec.end == rec.start:  # an instant: in or out, by the same rule as events
+        return 1.0 if ends_in(rec, window) else 0.0
+    overlap = min(rec.end, hi) - max(rec.start, lo)
+    return max(0.0, overlap) / (rec.end - rec.start)
 
 
-def _number(body: Mapping[str, Any], key: str) -> float:
-    value = body[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{key}={value!r}")
-    return float(value)
-
-
-def _count(body: Mapping[str, Any], key: str) -> int:
-    value = body[key]
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{key}={value!r}")
-    return value
+def ends_in(rec: UsageRecord, window: Window) -> bool:
+    """Whether a record's end lies in (since, until]: adjacent windows split events exactly."""
+    lo, hi = window.bounds()
+    return lo < rec.end <= hi
 
 
 @dataclass(frozen=True)
@@ -179,33 +135,31 @@ class Ledger:
         ledger, seen = cls([]), set()
         for value in values:
             ledger.decoded += 1
-            body = _decode(value)
-            if body is None:
-                ledger.malformed += 1
-            elif body.get("kind") != "usage" or body.get("v") != _VERSION:
+            try:
+                rec = parse_usage(value)
+            except NotOurs:
                 ledger.skipped += 1
-            elif body.get("record_id") in seen:
+                continue
+            except (KeyError, ValueError):
+                ledger.malformed += 1
+                continue
+            if rec.record_id in seen:
                 ledger.duplicates += 1
-            else:
-                try:
-                    rec = UsageRecord.parse(body)
-                except (KeyError, ValueError, TypeError):
-                    ledger.malformed += 1
-                    continue
-                seen.add(rec.record_id)
-                ledger.records.append(rec)
+                continue
+            seen.add(rec.record_id)
+            ledger.records.append(rec)
         return ledger
 
     def within(self, window: Window) -> list[tuple[UsageRecord, float]]:
         """(record, share) for every record that touches the window."""
-        pairs = [(rec, rec.share(window)) for rec in self.records]
-        return [(rec, share) for rec, share in pairs if share > 0 or rec.ends_in(window)]
+        pairs = [(rec, share(rec, window)) for rec in self.records]
+        return [(rec, part) for rec, part in pairs if part > 0 or ends_in(rec, window)]
 
     def totals(self, window: Window) -> dict[tuple[str, str], Usage]:
         """Usage per (pool, instance type) inside the window."""
         out: dict[tuple[str, str], Usage] = {}
-        for rec, share in self.within(window):
-            out.setdefault((rec.pool, rec.instance_type), Usage()).add(rec, share, rec.ends_in(window))
+        for rec, part in self.within(window):
+            out.setdefault((rec.pool, rec.instance_type), Usage()).add(rec, part, ends_in(rec, window))
         return out
 
     def span(self, window: Window) -> tuple[float, float] | None:
@@ -230,21 +184,11 @@ class Ledger:
             first = max(0, int((rec.start - lo) // bucket_s))
             last = min(len(buckets) - 1, int((rec.end - lo) // bucket_s))
             for start, sums in buckets[first:last + 1]:
-                share = rec.share(Window(start, start + bucket_s))
-                if share > 0:
+                part = share(rec, Window(start, start + bucket_s))
+                if part > 0:
                     key = (rec.pool, rec.instance_type)
-                    sums[key] = sums.get(key, 0.0) + rec.seconds_alive * share
+                    sums[key] = sums.get(key, 0.0) + rec.seconds_alive * part
         return buckets
-
-
-def _decode(value: bytes | str | Mapping[str, Any]) -> dict[str, Any] | None:
-    if isinstance(value, Mapping):
-        return dict(value)
-    try:
-        body = json.loads(value)
-    except (ValueError, TypeError):
-        return None
-    return body if isinstance(body, dict) else None
 
 
 def read_ledger(bootstrap: str, topic: str, *, window: Window | None = None, timeout_s: float = 30.0,

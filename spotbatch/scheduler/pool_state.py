@@ -11,11 +11,11 @@
 
 from __future__ import annotations
 
-import json
 import threading
 import time
-from typing import Any, Callable, Iterable, Mapping, Protocol
+from typing import Any, Callable, Iterable, Mapping, Protocol, Union
 
+from spotbatch.records import UsageRecord, usage_or_none
 from spotbatch.scheduler.pools import PoolObservation
 from spotbatch.usage_tail import UsageTail
 
@@ -51,20 +51,20 @@ class KubeDeployments:
         return int(dep.spec.replicas or 0), int((dep.status and dep.status.ready_replicas) or 0)
 
 
-def interruption_rate_per_h(records: Iterable[Mapping[str, Any]], *, now_s: float, window_s: float,
-                            pool: str = "spot") -> float:
+def interruption_rate_per_h(records: Iterable[Union[UsageRecord, Mapping[str, Any]]], *, now_s: float,
+                            window_s: float, pool: str = "spot") -> float:
     """Interruptions per replica-hour of ``pool`` over the window ending ``now_s``
-    (epoch seconds). 0 with less than an hour of replica time to judge by."""
+    (epoch seconds). 0 with less than an hour of replica time to judge by. Records are
+    UsageRecords or their wire dicts; anything else (other kinds) is skipped."""
     seen: set[str] = set()
     interruptions, alive_s = 0, 0.0
-    for rec in records:
-        if rec.get("kind") != "usage" or rec.get("pool") != pool or rec.get("record_id") in seen:
+    for item in records:
+        rec = item if isinstance(item, UsageRecord) else usage_or_none(item)
+        if rec is None or rec.pool != pool or rec.record_id in seen or not now_s - window_s < rec.end <= now_s:
             continue
-        if not now_s - window_s < float(rec.get("end", 0)) <= now_s:
-            continue
-        seen.add(rec["record_id"])
-        interruptions += int(rec.get("interruptions", 0))
-        alive_s += float(rec.get("seconds_alive", 0.0))
+        seen.add(rec.record_id)
+        interruptions += rec.interruptions
+        alive_s += rec.seconds_alive
     alive_h = alive_s / 3600
     return interruptions / alive_h if alive_h >= _MIN_ALIVE_H else 0.0
 
@@ -75,8 +75,8 @@ class InterruptionRates:
 
     def __init__(self, reader, topic: str, *, window_s: float = 3600.0,
                  clock: Callable[[], float] = time.time, max_records: int = 100_000) -> None:
-        self._tail = UsageTail(reader, topic, parse=_spot_usage, record_id=lambda r: r["record_id"],
-                               end=lambda r: float(r["end"]), window_s=window_s, clock=clock, max_items=max_records)
+        self._tail = UsageTail(reader, topic, parse=_spot_usage, record_id=lambda r: r.record_id,
+                               end=lambda r: r.end, window_s=window_s, clock=clock, max_items=max_records)
         self._window_s = window_s
         self._clock = clock
 
@@ -84,15 +84,9 @@ class InterruptionRates:
         return interruption_rate_per_h(self._tail.items(), now_s=self._clock(), window_s=self._window_s)
 
 
-def _spot_usage(value: bytes | None) -> dict | None:
-    try:
-        body = json.loads(value or b"")
-        if body.get("kind") != "usage" or body.get("pool") != "spot":
-            return None
-        float(body["end"]), float(body["seconds_alive"]), int(body["interruptions"]), str(body["record_id"])
-        return body
-    except (ValueError, TypeError, KeyError, AttributeError):
-        return None  # unreadable records and other kinds are not ours
+def _spot_usage(value: bytes | None) -> UsageRecord | None:
+    rec = usage_or_none(value)  # unreadable records and other kinds are not ours
+    return rec if rec is not None and rec.pool == "spot" else None
 
 
 class LivePoolState:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Callable
+from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+from spotbatch.metrics_http import Health, serve_http
 
 __all__ = ["WorkerMetrics", "serve_metrics"]
 
@@ -42,35 +42,9 @@ class WorkerMetrics:
         return time.time() - self._last_loop_at < stale_s
 
 
-def serve_metrics(port: int, registry: CollectorRegistry, healthy: Callable[[], bool | tuple[bool, str]]
-                  ) -> ThreadingHTTPServer:
-    """Start a daemon HTTP server on ``port``; returns it so the caller can shut it down.
-
-    ``healthy`` returns a bool, or (ok, reason): the reason is the /healthz body.
-    ``registry`` is anything with ``collect()`` (a stand-in while the worker starts).
-    """
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server naming)
-            if self.path.startswith("/metrics"):
-                self._reply(200, generate_latest(registry), CONTENT_TYPE_LATEST)
-            elif self.path.startswith("/healthz"):
-                result = healthy()
-                ok, reason = result if isinstance(result, tuple) else (result, "ok" if result else "stalled")
-                self._reply(200 if ok else 503, f"{reason}\n".encode(), "text/plain")
-            else:
-                self._reply(404, b"not found: try /metrics or /healthz\n", "text/plain")
-
-        def _reply(self, code: int, body: bytes, ctype: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args) -> None:  # scrapes are not worth a log line each
-            pass
-
-    server = ThreadingHTTPServer(("0.0.0.0", port), Handler)
-    threading.Thread(target=server.serve_forever, name="metrics-http", daemon=True).start()
-    return server
+def serve_metrics(port: int, registry: CollectorRegistry, healthy: Health) -> WSGIServer:
+    """Start the daemon /metrics + /healthz server on ``port`` (spotbatch.metrics_http);
+    returns it so the caller can shut it down. ``healthy`` returns a bool, or (ok,
+    reason): the reason is the /healthz body. ``registry`` is anything with
+    ``collect()`` (a stand-in while the worker starts)."""
+    return serve_http(port, registry, healthy, name="metrics-http")

@@ -29,6 +29,7 @@ from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, Progres
 from spotbatch.errors import JobError
 from spotbatch.inputs import RowReader
 from spotbatch.jobs import Job
+from spotbatch.retry import reload_retry
 from spotbatch.workers.batcher import PendingJob
 from spotbatch.workers.sinks import ParquetSink
 
@@ -81,13 +82,7 @@ class PartedJob:
         """
         started = time.perf_counter()
         with self._lock:
-            while True:
-                self.progress.mark_part_done(index, rows)
-                try:
-                    self.progress = self.store.save(self.progress, expected_generation=self.progress.generation or None)
-                    break
-                except StaleCheckpoint:
-                    self._merge(self.store.load(self.job.job_id))
+            self._save_merged(lambda: self.progress.mark_part_done(index, rows))
             complete = self.progress.complete
         if complete:
             self.sink.write_bytes(self.manifest_uri, self._manifest())
@@ -97,13 +92,21 @@ class PartedJob:
         """This attempt ends in a drain, not by the job's fault: it must not count
         toward max_attempts, or a job interrupted often would look like a poison job."""
         with self._lock:
-            for _ in range(3):
-                self.progress.release_attempt(self.owner)
-                try:
-                    self.progress = self.store.save(self.progress, expected_generation=self.progress.generation or None)
-                    return
-                except StaleCheckpoint:
-                    self._merge(self.store.load(self.job.job_id))
+            try:
+                self._save_merged(lambda: self.progress.release_attempt(self.owner))
+            except StaleCheckpoint:
+                pass  # still racing after reload_retry: the attempt stays counted, nothing is lost
+
+    @reload_retry
+    def _save_merged(self, change: Callable[[], None]) -> None:
+        """Apply ``change`` and save; a save under us (StaleCheckpoint) merges theirs
+        and is retried (reload_retry) with the change applied again (it is idempotent)."""
+        change()
+        try:
+            self.progress = self.store.save(self.progress, expected_generation=self.progress.generation or None)
+        except StaleCheckpoint:
+            self._merge(self.store.load(self.job.job_id))
+            raise
 
     def discard(self) -> None:
         """The job was dead-lettered: forget its progress, so that a fixed and
@@ -205,23 +208,26 @@ class PartPlanner:
 
     def _take_up(self, job: Job, record: Any, rows: int) -> PartedJob:
         """Load or create the checkpoint and record this attempt; poison jobs raise."""
-        for _ in range(5):  # another owner may save between our load and save: reload
-            progress = self.store.load(job.job_id)
-            if progress is not None and progress.complete:
-                return PartedJob(job, record, rows, progress, self.store, self.sink, self.owner)
-            if progress is None:
-                part_rows = self.interval.rows(self._rows_per_s())
-                progress = Progress.new(job.job_id, parts_total=max(1, math.ceil(rows / part_rows)), owner=self.owner)
-                progress.part_rows = part_rows
-            progress.record_attempt(self.owner)
-            if progress.attempts_without_progress() > self.max_attempts:
-                self.store.delete(job.job_id)  # a fixed and republished job starts afresh
-                history = "; ".join(f"{a.at:%H:%M:%S} {a.owner}" for a in progress.attempt_history[-self.max_attempts - 1:])
-                raise JobError("too_many_attempts", f"{progress.attempts_without_progress() - 1} attempts finished "
-                               f"no part (limit {self.max_attempts}): {history}")
-            try:
-                saved = self.store.save(progress, expected_generation=progress.generation or None)
-            except StaleCheckpoint:
-                continue
-            return PartedJob(job, record, rows, saved, self.store, self.sink, self.owner)
-        raise RuntimeError(f"checkpoint of {job.job_id} keeps changing under us; is another worker stuck on it?")
+        try:
+            return self._take_up_once(job, record, rows)
+        except StaleCheckpoint:
+            raise RuntimeError(f"checkpoint of {job.job_id} keeps changing under us; "
+                               "is another worker stuck on it?") from None
+
+    @reload_retry  # another owner may save between our load and save: reload
+    def _take_up_once(self, job: Job, record: Any, rows: int) -> PartedJob:
+        progress = self.store.load(job.job_id)
+        if progress is not None and progress.complete:
+            return PartedJob(job, record, rows, progress, self.store, self.sink, self.owner)
+        if progress is None:
+            part_rows = self.interval.rows(self._rows_per_s())
+            progress = Progress.new(job.job_id, parts_total=max(1, math.ceil(rows / part_rows)), owner=self.owner)
+            progress.part_rows = part_rows
+        progress.record_attempt(self.owner)
+        if progress.attempts_without_progress() > self.max_attempts:
+            self.store.delete(job.job_id)  # a fixed and republished job starts afresh
+            history = "; ".join(f"{a.at:%H:%M:%S} {a.owner}" for a in progress.attempt_history[-self.max_attempts - 1:])
+            raise JobError("too_many_attempts", f"{progress.attempts_without_progress() - 1} attempts finished "
+                           f"no part (limit {self.max_attempts}): {history}")
+        saved = self.store.save(progress, expected_generation=progress.generation or None)
+        return PartedJob(job, record, rows, saved, self.store, self.sink, self.owner)

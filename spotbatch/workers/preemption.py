@@ -52,6 +52,8 @@ from email.message import Message
 from email.utils import parsedate_to_datetime
 from typing import Callable, Iterator, Optional, Protocol, runtime_checkable
 
+from spotbatch.retry import TryAgain, attempts
+
 __all__ = [
     "AwsWatcher",
     "AzureWatcher",
@@ -229,12 +231,18 @@ class AwsWatcher(_PollingWatcher):
             raise _Unexpected(f"{self.REBALANCE_PATH} answered {reply.status}")
 
     def _get(self, path: str) -> _Reply:
-        for _ in range(2):
-            reply = _request("GET", self.base_url + path, {self.TOKEN_HEADER: self._current_token()}, timeout_s=self.timeout_s)
-            if reply.status != 401:
-                return reply
-            self._token = None  # expired or revoked: take a fresh one and retry once
-        raise _Unexpected(f"{path} answered 401 with a fresh token")
+        try:
+            return self._get_with_token(path)
+        except TryAgain:
+            raise _Unexpected(f"{path} answered 401 with a fresh token") from None
+
+    @attempts("imds token", retry_on=TryAgain, max_attempts=2)  # a fresh token once, then give up
+    def _get_with_token(self, path: str) -> _Reply:
+        reply = _request("GET", self.base_url + path, {self.TOKEN_HEADER: self._current_token()}, timeout_s=self.timeout_s)
+        if reply.status == 401:
+            self._token = None  # expired or revoked: the next try takes a fresh one
+            raise TryAgain(f"{path} answered 401")
+        return reply
 
     def _current_token(self) -> str:
         now = time.monotonic()

@@ -4,10 +4,8 @@ The worker's owner loop ticks the meter; every ``interval_s`` it emits one recor
 covering the time since the previous one, and ``close`` emits the last (``final``).
 Records of one worker tile its life without overlap, so a reader sums them; each has
 a ``record_id`` (``<worker>-<seq>``) so a redelivered record is counted once.
-Record fields (the usage-record interface, ``v: 1``):
-
-    kind="usage", record_id, worker, pool, instance_type, gpus, start, end (epoch s),
-    seconds_alive, seconds_busy, rows, jobs, interruptions, rows_recomputed, final, at
+The record's fields are ``spotbatch.records.UsageRecord`` (emitted as its wire dict,
+``v`` included); a stop counts as an interruption by its ``StopCause``.
 """
 
 from __future__ import annotations
@@ -16,19 +14,17 @@ import threading
 import time
 from typing import Any, Callable
 
+from spotbatch.records import RECORD_VERSION, StopCause, UsageRecord
+
 __all__ = ["UsageMeter", "USAGE_VERSION", "anchored_clock", "is_interruption"]
 
-USAGE_VERSION = 1
-# A spot interruption is a stop the cloud announced (the notice watchers' reasons). A
-# bare SIGTERM is not: Kubernetes sends it on every scale-in and rollout too, and on a
-# spot node the metadata notice reaches the worker before the node drain does.
-_CLOUD_NOTICES = ("aws:", "gcp:", "azure:")
+USAGE_VERSION = RECORD_VERSION
 
 
 def is_interruption(reason: str) -> bool:
     """Whether a worker stop with this reason counts as a spot interruption: a cloud
-    notice does; a signal, a scale-in or the end of a burst run does not."""
-    return reason.startswith(_CLOUD_NOTICES)
+    notice does; a signal, a scale-in or the end of a burst run does not (StopCause)."""
+    return StopCause.of(reason).interruption
 
 
 def anchored_clock() -> Callable[[], float]:
@@ -94,9 +90,10 @@ class UsageMeter:
             busy = min(self._busy_s, alive)  # the rest carries into the next interval
             self._busy_s -= busy
             counts, self._counts = self._counts, dict.fromkeys(self._counts, 0)
-        record = {"v": USAGE_VERSION, "kind": "usage", "record_id": f"{self._who['worker']}-{self._seq}",
-                  **self._who, "start": self._start, "end": end, "seconds_alive": alive, "seconds_busy": busy,
-                  **counts, "final": final, "at": end}
+        # Validated here, once, by the schema every reader uses; emitted as its wire dict.
+        record = UsageRecord(record_id=f"{self._who['worker']}-{self._seq}", **self._who, start=self._start, end=end,
+                             seconds_alive=alive, seconds_busy=busy, **counts, final=final,
+                             at=end).model_dump(by_alias=True)
         self._seq += 1
         self._start = end
         self._emit(record)

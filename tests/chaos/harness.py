@@ -39,7 +39,8 @@ from kafka.errors import KafkaError
 
 from spotbatch.embedded import EmbeddedBroker
 from spotbatch.kafka_admin import committed_offsets
-from spotbatch.storage import MemoryStore, join_uri
+from spotbatch.storage import join_uri
+from spotbatch.testing.store import MemoryStore
 from spotbatch.workers.sinks import ParquetSink
 from tests.fake_metadata import FakeAws
 from tests.integration.helpers import REPO_ROOT, WorkerProc, expected_embeddings, spawn_worker

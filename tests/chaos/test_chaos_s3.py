@@ -147,7 +147,7 @@ def s3_objects_keys(s3_client, bucket: str) -> list[str]:
 
 
 def test_workers_ride_out_the_outage_without_a_restart(outage):
-    # The S3 retry policy (spotbatch.storage.S3_RETRY) must outlast the outage: a write
+    # The S3 retry policy (spotbatch.retry.S3_RETRY) must outlast the outage: a write
     # that gives up is fatal to the worker (an infrastructure fault, worker.run).
     assert not outage.died, "workers died during the S3 outage:\n" + "\n".join(w.describe() for w in outage.died)
     assert all(outage.rcs[w.name] == 0 for w in outage.workers), outage.summary

@@ -11,7 +11,7 @@ import pytest
 
 from spotbatch.errors import JobError
 from spotbatch.jobs import parse_job
-from spotbatch.storage import MemoryStore
+from spotbatch.testing.store import MemoryStore
 from spotbatch.workers.admission import Admission
 from spotbatch.workers.attempts import AttemptLedger, Session
 from spotbatch.workers.batcher import PendingJob

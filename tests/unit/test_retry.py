@@ -15,7 +15,7 @@ import torch
 from spotbatch import retry, storage
 from spotbatch.errors import JobError
 from spotbatch.retry import TransientModelError, kafka_retry, model_retry
-from spotbatch.storage import S3_RETRY as storage_retry
+from spotbatch.retry import S3_RETRY as storage_retry
 
 TINY_WAIT = tenacity.wait_exponential_jitter(multiplier=0.001, max=0.01, jitter=0.001)
 

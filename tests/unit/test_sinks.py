@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from spotbatch.errors import JobError
-from spotbatch.storage import MemoryStore
+from spotbatch.testing.store import MemoryStore
 from spotbatch.workers.sinks import ParquetSink, build_table, read_table
 from tests.fixtures_s3 import s3_bucket, s3_client, s3_endpoint  # noqa: F401
 

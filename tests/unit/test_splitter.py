@@ -90,7 +90,8 @@ def test_pool_state_is_cached():
 
 def usage(rid: str, *, pool: str = "spot", end: float = 1000.0, alive_s: float = 3600.0, interruptions: int = 0) -> dict:
     return {"v": 1, "kind": "usage", "record_id": rid, "worker": rid.split("-")[0], "pool": pool, "end": end,
-            "start": end - alive_s, "seconds_alive": alive_s, "interruptions": interruptions}
+            "start": max(0.0, end - alive_s), "seconds_alive": alive_s, "interruptions": interruptions,
+            "instance_type": "g5.xlarge", "gpus": 1, "seconds_busy": 0.0, "rows": 0, "jobs": 0, "rows_recomputed": 0}
 
 
 def test_interruption_rate_per_replica_hour():

@@ -11,7 +11,6 @@ from spotbatch import storage
 from spotbatch.errors import JobError
 from spotbatch.storage import (
     LocalStore,
-    MemoryStore,
     S3Store,
     check_under_prefix,
     join_uri,
@@ -19,6 +18,7 @@ from spotbatch.storage import (
     parse_uri,
     store_for,
 )
+from spotbatch.testing.store import MemoryStore
 from tests.fixtures_s3 import s3_bucket, s3_client, s3_endpoint  # noqa: F401
 
 

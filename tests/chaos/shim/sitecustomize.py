@@ -13,6 +13,15 @@ model call that the inference thread makes.
 
 import os
 
+# With ``SPOTBATCH_CHAOS=<point>:<n>`` (e.g. ``after_write:3``), the worker is killed with
+# SIGKILL the n-th time it reaches that point of its loop: the kill plan is installed on
+# the product's hook point (spotbatch.chaos), which does nothing unless a test does this.
+if os.environ.get("SPOTBATCH_CHAOS"):
+    from spotbatch import chaos
+    from spotbatch.testing.faults import KillAt
+
+    chaos.install(KillAt.parse(os.environ["SPOTBATCH_CHAOS"]))
+
 _PATH = os.environ.get("SPOTBATCH_TEST_INFERENCE_LOG")
 
 if _PATH:
