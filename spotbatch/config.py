@@ -99,6 +99,7 @@ class Settings(BaseSettings):
     # leave large (URI) jobs to owners at lower risk. The interruption may never come.
     rebalance_hold_s: float = Field(300.0, ge=0)
     usage_topic: str = "spotbatch.usage"
+    models_topic: str = "spotbatch.models"  # the model registry (compacted); rollouts keep their state here too
 
     # Usage ledger (the scheduler's cost report); set per pool by the Deployment
     pool: Literal["spot", "on-demand", "unknown"] = "unknown"

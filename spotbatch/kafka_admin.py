@@ -43,8 +43,12 @@ _OFFSETS_FETCH_WAIT_MS = 5
 
 
 def ensure_topics(bootstrap: str, topics: Mapping[str, int], *,
-                  timeout_s: float = 10.0, client_options: Mapping | None = None) -> dict[str, int]:
+                  timeout_s: float = 10.0, client_options: Mapping | None = None,
+                  configs: Mapping[str, Mapping[str, str]] | None = None) -> dict[str, int]:
     """Create missing topics ({name: partitions}); wait until metadata shows them.
+
+    ``configs``: topic configs for the topics this call creates ({name: {key: value}},
+    e.g. ``{"spotbatch.models": {"cleanup.policy": "compact"}}``); existing topics keep theirs.
 
     Idempotent. An existing topic with fewer partitions than asked is an error (we do not
     silently repartition, which would move keys). Returns {name: partition count}.
@@ -52,7 +56,7 @@ def ensure_topics(bootstrap: str, topics: Mapping[str, int], *,
     deadline = time.monotonic() + timeout_s
     with _admin(bootstrap, client_options) as admin:
         existing = set(admin.list_topics())
-        _create(admin, {n: p for n, p in topics.items() if n not in existing})
+        _create(admin, {n: p for n, p in topics.items() if n not in existing}, configs or {})
         counts = _wait_for_partitions(admin, topics, deadline)
     short = {n: c for n, c in counts.items() if c < topics[n]}
     if short:
@@ -226,11 +230,12 @@ def _reader(bootstrap: str, client_options: Mapping | None = None) -> Iterator[K
         consumer.close()
 
 
-def _create(admin: KafkaAdminClient, topics: Mapping[str, int]) -> None:
+def _create(admin: KafkaAdminClient, topics: Mapping[str, int], configs: Mapping[str, Mapping[str, str]]) -> None:
     if not topics:
         return
     # replication_factor -1: the broker's default (Kafka >= 2.4), right for real clusters.
-    specs = {n: {"num_partitions": p, "replication_factor": -1} for n, p in topics.items()}
+    specs = {n: {"num_partitions": p, "replication_factor": -1, **({"configs": dict(configs[n])} if n in configs else {})}
+             for n, p in topics.items()}
     response = admin.create_topics(specs, timeout_ms=_REQUEST_TIMEOUT_MS, raise_errors=False)
     for result in response["topics"]:
         error = for_code(result["error_code"])

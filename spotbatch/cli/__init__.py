@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import typer
 
-from spotbatch.cli import broker, demo, dlq, publish, scaler, scheduler, worker
+from spotbatch.cli import broker, demo, dlq, models, publish, scaler, scheduler, worker
 from spotbatch.cli.common import polish_help
 
 __all__ = ["app", "main"]
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Batch inference on spot GPUs, fed by Kafka.")
-for _verbs in (worker, publish, demo, broker, scaler, scheduler, dlq):  # the order of `spotbatch --help`
+for _verbs in (worker, publish, demo, broker, scaler, scheduler, dlq, models):  # the order of `spotbatch --help`
     _verbs.register(app)
 polish_help(app)
 
