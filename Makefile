@@ -36,6 +36,8 @@ demo: setup
 
 test: setup prometheus-tools
 	$(VENV)/bin/lint-imports
+	$(VENV)/bin/ruff check spotbatch tests bench
+	$(VENV)/bin/mypy
 	$(PY) -m pytest -q
 
 chaos: setup

@@ -397,7 +397,7 @@ def _vmhwm_kb(pid: int) -> int:
 
 def _count_outputs(output: Path) -> int:
     n = 0
-    for dirpath, _, names in os.walk(output):
+    for _, _, names in os.walk(output):
         n += sum(1 for f in names if f.endswith(".parquet") and not f.startswith("."))
     return n
 

@@ -56,7 +56,7 @@ def prepare(bootstrap: str, partitions: int, records: int) -> tuple[str, str]:
     ensure_topics(bootstrap, {topic: partitions}, timeout_s=60)
     producer = KafkaProducer(bootstrap_servers=bootstrap, linger_ms=50)
     for p in range(partitions):
-        for i in range(records):
+        for _ in range(records):
             producer.send(topic, b"x" * 32, partition=p)
     producer.flush(timeout=120)
     producer.close()

@@ -32,7 +32,7 @@ from spotbatch.publish import publish_jobs, rows_to_jobs
 from spotbatch.records import StatusRecord, StopCause, dlq_topic, interruptions, results_topic
 from spotbatch.scaler.backlog import GroupBacklog
 from spotbatch.scaler.decide import ScalePolicy
-from spotbatch.scaler.local import SCALE_ACTIONS, LocalAutoscaler
+from spotbatch.scaler.local import SCALE_ACTIONS, LocalAutoscaler, ScaleEvent
 from spotbatch.scaler.procs import WorkerCrashLoop, WorkerPool
 
 __all__ = ["DemoOptions", "DemoSummary", "OutputNotEmpty", "prepare_output", "run_demo", "sample_corpus"]
@@ -206,9 +206,13 @@ class _Fleet:
         self._observe = GroupBacklog(bootstrap, group, topic, lag_threshold=opts.lag_threshold)
         policy = ScalePolicy(min_replicas=opts.min_workers, max_replicas=opts.workers,
                              lag_threshold=opts.lag_threshold, cooldown_s=opts.cooldown_s)
+        def on_event(e: ScaleEvent) -> None:
+            if e.event in SCALE_ACTIONS:
+                log(e.line())
+
         self.scaler = LocalAutoscaler(observe=self._observe, pool=WorkerPool(self, drain_s=_DRAIN_S), policy=policy,
                                       poll_s=opts.poll_s, early_exit_s=opts.timeout_s, max_early_exits=1,
-                                      on_event=lambda e: e.event in SCALE_ACTIONS and log(e.line()))
+                                      on_event=on_event)
 
     # -- the autoscaler's Launcher --
 

@@ -23,6 +23,7 @@ from pathlib import Path
 from kafka.admin import KafkaAdminClient
 from kafka.errors import KafkaError
 
+from spotbatch.config import env_setting
 from spotbatch.retry import attempts, poll_until
 
 __all__ = [
@@ -174,7 +175,8 @@ class ExternalBroker:
 
 def start_or_external(bootstrap: str | None = None) -> EmbeddedBroker | ExternalBroker:
     """The given bootstrap, else $SPOTBATCH_KAFKA_BOOTSTRAP, else a started embedded broker."""
-    chosen = (bootstrap or os.environ.get(BOOTSTRAP_ENV, "")).strip()
+    # env_setting: None when BOOTSTRAP_ENV is unset (Settings() would give its 127.0.0.1 default)
+    chosen = (bootstrap or env_setting("kafka_bootstrap") or "").strip()
     if chosen:
         return ExternalBroker(chosen)
     return EmbeddedBroker().start()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import enum
 import sys
 
-__all__ = ["JobError", "ERROR_CODES", "job_error_from", "is_infrastructure_fault", "Disposition", "classify",
+__all__ = ["JobError", "ERROR_CODES", "job_error_from", "is_infrastructure_fault", "is_oom", "Disposition", "classify",
            "TransientModelError", "is_transient_kafka", "is_transient_s3", "is_transient_model"]
 
 ERROR_CODES = {
@@ -102,12 +102,12 @@ def is_transient_s3(exc: BaseException) -> bool:
 
 def is_transient_model(exc: BaseException) -> bool:
     """Network-ish failures and explicit TransientModelError; never a JobError or OOM."""
-    if isinstance(exc, JobError) or _is_oom(exc):
+    if isinstance(exc, JobError) or is_oom(exc):
         return False
     return isinstance(exc, (TransientModelError, ConnectionError, TimeoutError))
 
 
-def _is_oom(exc: BaseException) -> bool:
+def is_oom(exc: BaseException) -> bool:
     """A CUDA out-of-memory error, however it surfaces (inside TorchScript or cuBLAS as
     a plain RuntimeError that only says so in its message). Only asked of torch when it
     is loaded: importing it would cost seconds in processes (scaler, CLI) that never run

@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 
 from spotbatch.errors import Disposition, JobError, classify
 from spotbatch.input_access import open_regular
-from spotbatch.storage import parse_uri, store_for
+from spotbatch.storage import S3Store, parse_uri, store_for
 
 __all__ = ["InputLimits", "RowReader", "open_input", "read_rows", "count_rows", "iter_rows", "input_format"]
 
@@ -144,7 +144,9 @@ class _ParquetReader(RowReader):
         _require(self.uri, self._pf.schema_arrow.names, self._columns)
         if self._batches is None or start < self._row:
             self._start_at(start)
-        deadline, ids, values = self._deadline("reading a part"), [], []
+        deadline = self._deadline("reading a part")
+        ids: list[str] = []
+        values: list[Any] = []
         while self._row < stop:
             batch = self._rest if self._rest is not None else self._next_batch()
             if batch is None:
@@ -159,7 +161,8 @@ class _ParquetReader(RowReader):
 
     def _start_at(self, start: int) -> None:
         """Begin at the row group holding ``start``: earlier groups are skipped unread."""
-        meta, first, groups = self._pf.metadata, 0, []
+        meta, first = self._pf.metadata, 0
+        groups: list[int] = []
         for g in range(meta.num_row_groups):
             rows = meta.row_group(g).num_rows
             if not groups and first + rows <= start:
@@ -178,6 +181,8 @@ class _ParquetReader(RowReader):
             raise JobError("input_invalid", f"{self.uri}: cannot read Parquet rows ({exc})") from None
 
     def _next_batch(self) -> pa.RecordBatch | None:
+        if self._batches is None:
+            raise RuntimeError(f"{self.uri}: Parquet batches read before a start row was set")
         try:
             return next(self._batches, None)
         except (pa.ArrowException, OSError) as exc:
@@ -212,7 +217,9 @@ class _JsonlReader(RowReader):
     def read(self, start: int, stop: int) -> tuple[list[str], list]:
         if start < self._row:
             self._rewind()
-        deadline, ids, values = self._deadline("reading a part"), [], []
+        deadline = self._deadline("reading a part")
+        ids: list[str] = []
+        values: list[Any] = []
         while self._row < stop and (line := self._next_record()) is not None:
             self._row += 1
             if self._row > start:  # skipped records (parts done before) are not parsed
@@ -271,7 +278,8 @@ class _DocumentReader(RowReader):
         return len(self._items)
 
     def read(self, start: int, stop: int) -> tuple[list[str], list]:
-        ids, values = [], []
+        ids: list[str] = []
+        values: list[Any] = []
         for n, row in enumerate(self._items[start:stop], start + 1):
             self._take(row, n, ids, values)
         _check_complete(self.uri, start, stop, len(ids))
@@ -307,7 +315,10 @@ def _open(uri: str) -> BinaryIO:
     if loc.scheme == "file":
         return open_regular(loc.path)
     try:
-        return store_for(uri).open_read(uri, refused=lambda exc: _s3_refusal(uri, exc))
+        store = store_for(uri)
+        if not isinstance(store, S3Store):  # parse_uri admits only file and s3
+            raise RuntimeError(f"{uri}: no streaming reader for {type(store).__name__}")
+        return store.open_read(uri, refused=lambda exc: _s3_refusal(uri, exc))
     except FileNotFoundError as exc:
         raise JobError("input_missing", f"{uri}: no such file or object") from exc
     except botocore.exceptions.ClientError as exc:

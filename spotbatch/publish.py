@@ -110,7 +110,7 @@ def _rows(job: Job) -> int:
 
 def _send_all(producer: KafkaProducer, topic: str, items: Iterable[tuple[bytes, bytes, int]], progress: Progress | None) -> PublishReport:
     report = PublishReport()
-    pending = []
+    pending: list[tuple[bytes, Any]] = []  # (key, kafka's FutureRecordMetadata)
 
     def settle(keep: int) -> None:
         while len(pending) > keep:

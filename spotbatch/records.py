@@ -22,7 +22,7 @@ import json
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, overload
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
@@ -235,6 +235,17 @@ def decode(value: bytes | str | Mapping[str, Any] | None) -> dict[str, Any] | No
     return body if isinstance(body, dict) else None
 
 
+_Value = Union[bytes, str, Mapping[str, Any], None]
+
+
+@overload
+def parse_usage(value: _Value, *, kinds: tuple[Literal["usage"]] = ...) -> UsageRecord: ...
+@overload
+def parse_usage(value: _Value, *, kinds: tuple[Literal["interruption"]]) -> InterruptionRecord: ...
+@overload
+def parse_usage(value: _Value, *, kinds: tuple[str, ...]) -> UsageTopicRecord: ...
+
+
 def parse_usage(value: bytes | str | Mapping[str, Any] | None, *,
                 kinds: tuple[str, ...] = ("usage",)) -> UsageTopicRecord:
     """One usage-topic record of ``kinds``; NotOurs for another kind or version,
@@ -251,14 +262,14 @@ def parse_usage(value: bytes | str | Mapping[str, Any] | None, *,
 def usage_or_none(value: bytes | str | Mapping[str, Any] | None) -> UsageRecord | None:
     """A valid usage record, or None for anything else (followers that only sum)."""
     try:
-        return parse_usage(value)  # type: ignore[return-value]
+        return parse_usage(value)
     except (NotOurs, KeyError, ValueError):
         return None
 
 
 def interruptions(values: Iterable[bytes | str | Mapping[str, Any] | None]) -> list[InterruptionRecord]:
     """The valid interruption records among ``values``."""
-    out = []
+    out: list[InterruptionRecord] = []
     for value in values:
         try:
             out.append(parse_usage(value, kinds=("interruption",)))

@@ -12,16 +12,12 @@ rows: ``CheckpointInterval("500rows" | "30s" | "auto").rows(rows_per_s)``.
 from __future__ import annotations
 
 import math
-import re
 
-from spotbatch.durations import DurationError, parse_duration_s
+from spotbatch.interval_spec import MAX_PART_ROWS, IntervalSpec
 
 __all__ = ["young_interval_s", "wasted_fraction", "CheckpointInterval", "DEFAULT_MTBI_S", "MAX_PART_ROWS"]
 
 DEFAULT_MTBI_S = 6 * 3600.0
-MAX_PART_ROWS = 1_000_000
-_FORMS = "'<N>rows' (e.g. 500rows), '<N>s' (e.g. 30s) or 'auto'"
-_ROWS_RE = re.compile(r"^(\d+)\s*rows?$")
 
 
 def young_interval_s(checkpoint_cost_s: float, mtbi_s: float) -> float:
@@ -48,13 +44,14 @@ class CheckpointInterval:
     and is measured. Seconds-based answers are clamped to [batch_rows, max_rows].
     """
 
-    def __init__(self, setting: str, *, batch_rows: int = 1, mtbi_s: float = DEFAULT_MTBI_S,
+    def __init__(self, setting: str | IntervalSpec, *, batch_rows: int = 1, mtbi_s: float = DEFAULT_MTBI_S,
                  max_rows: int = MAX_PART_ROWS, cost_alpha: float = 0.3) -> None:
         if not 1 <= batch_rows <= max_rows:
             raise ValueError(f"need 1 <= batch_rows <= max_rows, got {batch_rows}, {max_rows}")
         if mtbi_s <= 0 or not 0 < cost_alpha <= 1:
             raise ValueError(f"need mtbi_s > 0 and 0 < cost_alpha <= 1, got {mtbi_s}, {cost_alpha}")
-        self.kind, self.value = _parse(setting, max_rows)
+        spec = IntervalSpec.parse(setting, max_rows)
+        self.kind, self.value = spec.kind, spec.value
         self.batch_rows, self.max_rows = batch_rows, max_rows
         self.cost_alpha = cost_alpha
         self.cost_s: float | None = None  # EWMA of measured checkpoint cost
@@ -91,6 +88,8 @@ class CheckpointInterval:
     def rows(self, rows_per_s: float | None) -> int:
         """The part size to use now, given the observed throughput."""
         if self.kind == "rows":
+            if self.value is None:
+                raise RuntimeError("checkpoint interval in rows has no row count")
             return int(self.value)
         tau = self.interval_s()
         if tau is None or not rows_per_s or rows_per_s <= 0:
@@ -111,21 +110,3 @@ class CheckpointInterval:
 
 
 FIRST_PART_BATCHES = 16  # the part size before anything is measured, in batches
-
-
-def _parse(setting: str, max_rows: int) -> tuple[str, float | None]:
-    text = setting.strip().lower() if isinstance(setting, str) else ""
-    if text == "auto":
-        return "auto", None
-    if m := _ROWS_RE.match(text):
-        rows = int(m.group(1))
-        if not 1 <= rows <= max_rows:
-            raise ValueError(f"bad checkpoint interval {setting!r}: rows must be 1..{max_rows}; use {_FORMS}")
-        return "rows", rows
-    try:
-        seconds = parse_duration_s(text, units=("s",), bare=False)
-    except DurationError:
-        raise ValueError(f"bad checkpoint interval {setting!r}: use {_FORMS}") from None
-    if seconds <= 0:
-        raise ValueError(f"bad checkpoint interval {setting!r}: seconds must be > 0; use {_FORMS}")
-    return "seconds", seconds

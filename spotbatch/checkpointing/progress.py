@@ -39,7 +39,7 @@ class AttemptRecord(_Record):
     at: AwareDatetime
     owner: _Owner
     error: Annotated[str, StringConstraints(max_length=2000)] | None = None
-    rows_done: int = Field(0, ge=0)  # the job's progress when this attempt began
+    rows_done: int = Field(default=0, ge=0)  # the job's progress when this attempt began
     released: bool = False  # ended by a drain (a notice or SIGTERM): no sign of a poison job
 
 
@@ -49,13 +49,13 @@ class Progress(_Record):
     schema_version: Literal[1] = 1  # lets a future layout be told apart on load
     job_id: JobId
     parts_total: int = Field(ge=0)
-    part_rows: int | None = Field(None, ge=1)  # rows per part (the last may be short)
+    part_rows: int | None = Field(default=None, ge=1)  # rows per part (the last may be short)
     parts_done: list[int] = Field(default_factory=list)
-    rows_done: int = Field(0, ge=0)
-    attempts: int = Field(0, ge=0)
+    rows_done: int = Field(default=0, ge=0)
+    attempts: int = Field(default=0, ge=0)
     attempt_history: list[AttemptRecord] = Field(default_factory=list, max_length=MAX_ATTEMPT_HISTORY)
     owner: _Owner
-    generation: int = Field(0, ge=0)  # 0: never saved
+    generation: int = Field(default=0, ge=0)  # 0: never saved
     created_at: AwareDatetime = Field(default_factory=_utcnow)
     updated_at: AwareDatetime = Field(default_factory=_utcnow)
     complete: bool = False

@@ -54,10 +54,12 @@ class S3CheckpointStore:
         if expected is None:
             return {"IfNoneMatch": "*"}
         found = self._read(job_id)
-        generation = found[0].generation if found else None
-        if generation != expected:
-            raise StaleCheckpoint(job_id, expected, generation)
-        return {"IfMatch": found[1]}
+        if found is None:
+            raise StaleCheckpoint(job_id, expected, None)
+        progress, etag = found
+        if progress.generation != expected:
+            raise StaleCheckpoint(job_id, expected, progress.generation)
+        return {"IfMatch": etag}
 
     def _raise_unless_landed(self, job_id: str, expected: int | None, body: bytes) -> None:
         # S3_RETRY may resend a PUT whose first try landed but whose answer was lost;

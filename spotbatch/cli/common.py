@@ -12,7 +12,7 @@ import time
 import typing
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -33,7 +33,7 @@ ConfigOpt = typer.Option(None, "--config", help="YAML settings file [env SPOTBAT
 JsonOpt = typer.Option(False, "--json", help="Print JSON.")
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """One line on stderr, as written (brackets in it are text, not rich markup), then exit."""
     err.print(f"[red]error:[/red] {escape(message)}", highlight=False)
     raise typer.Exit(code)
@@ -88,6 +88,14 @@ def option_group(options: Mapping[str, tuple[Any, Any]], *, into: str) -> Callab
         return command
 
     return wrap
+
+
+def grouped(values: dict[str, Any] | None) -> dict[str, Any]:
+    """An ``option_group`` parameter's values. Its declared default (None, needed where it
+    sits among defaulted parameters) is never passed: the group's wrapper fills it."""
+    if values is None:
+        raise TypeError("an option_group parameter got no values; call the command through option_group")
+    return values
 
 
 # ---- help as users read it -----------------------------------------------------------------
@@ -166,6 +174,8 @@ def polish_help(app: typer.Typer) -> None:
         for info in typer_app.registered_commands:
             if _default(info.cls, TyperCommand):
                 info.cls = _Command
+            if info.callback is None:
+                raise TypeError(f"command {info.name!r} was registered without a function")
             try:
                 hints = typing.get_type_hints(info.callback)
             except Exception:  # noqa: BLE001 - an unresolvable annotation: metavars by name only
@@ -182,6 +192,8 @@ def polish_help(app: typer.Typer) -> None:
         for group in typer_app.registered_groups:
             if _default(group.cls, TyperGroup):
                 group.cls = _Group
+            if group.typer_instance is None:
+                raise TypeError(f"command group {group.name!r} was registered without a Typer app")
             walk(group.typer_instance)
 
     walk(app)

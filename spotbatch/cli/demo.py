@@ -51,14 +51,15 @@ def demo(
     try:
         with progress:
             task = progress.add_task("demo", total=jobs_total, rows=0, rate="-", failed=0, replicas=0, spark="")
-            started, history = [None], _ReplicaHistory(workers)
+            started: list[float | None] = [None]
+            history = _ReplicaHistory(workers)
 
             def tick(jobs: int, done_rows: int, failed: int, replicas: int) -> None:
                 import time
 
-                started[0] = started[0] or time.monotonic()
+                t0 = started[0] = started[0] or time.monotonic()
                 if jobs < jobs_total:  # after the last job only the replicas move (scale to zero)
-                    progress.update(task, rate=f"{done_rows / max(1e-6, time.monotonic() - started[0]):.0f}")
+                    progress.update(task, rate=f"{done_rows / max(1e-6, time.monotonic() - t0):.0f}")
                 progress.update(task, completed=jobs, rows=done_rows, failed=failed, replicas=f"{replicas}/{workers}",
                                 spark=history.add(replicas))
 
@@ -78,7 +79,9 @@ class _ReplicaHistory:
     _BARS = "▁▂▃▄▅▆▇█"
 
     def __init__(self, most: int) -> None:
-        self._most, self._bars, self._second = max(1, most), [], None
+        self._most = max(1, most)
+        self._bars: list[str] = []
+        self._second: int | None = None
 
     def add(self, replicas: int) -> str:
         import time

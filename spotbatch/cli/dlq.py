@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import typer
 
-from spotbatch.cli.common import BootstrapOpt, ConfigOpt, JsonOpt, err, fail, load_or_exit, option_group, out
+from spotbatch.cli.common import (
+    BootstrapOpt,
+    ConfigOpt,
+    JsonOpt,
+    err,
+    fail,
+    grouped,
+    load_or_exit,
+    option_group,
+    out,
+)
 from spotbatch.dlq import (
     DeadLetter,
     RedriveRefused,
@@ -22,6 +32,9 @@ from spotbatch.dlq import (
 )
 from spotbatch.kafka_security import client_options
 from spotbatch.records import dlq_topic
+
+if TYPE_CHECKING:
+    from rich.console import JustifyMethod
 
 __all__ = ["register"]
 
@@ -65,8 +78,10 @@ def _table(letters: list[DeadLetter], title: str):
     from rich.table import Table
 
     table = Table(title=title)
-    for name, justify in (("partition", "right"), ("offset", "right"), ("job id", "left"), ("code", "left"),
-                          ("reason", "left"), ("size", "right")):
+    columns: tuple[tuple[str, JustifyMethod], ...] = (
+        ("partition", "right"), ("offset", "right"), ("job id", "left"), ("code", "left"),
+        ("reason", "left"), ("size", "right"))
+    for name, justify in columns:
         table.add_column(name, justify=justify)
     for d in letters:
         reason = d.reason if len(d.reason) <= REASON_WIDTH else d.reason[:REASON_WIDTH - 1] + "…"
@@ -81,10 +96,10 @@ def _table(letters: list[DeadLetter], title: str):
 def list_(
     code: Optional[list[str]] = typer.Option(None, "--code", help="Only these error codes (repeatable)."),
     as_json: bool = JsonOpt,
-    source: dict = None,  # _SOURCE_OPTIONS go here in --help
+    source: Optional[dict[str, Any]] = None,  # _SOURCE_OPTIONS go here in --help
 ) -> None:
     """Dead letters of <topic>.dlq, one per source record (the last written)."""
-    settings, letters = _load(**source)
+    settings, letters = _load(**grouped(source))
     if code:
         letters = [d for d in letters if d.code in set(code)]
     if as_json:
@@ -98,10 +113,10 @@ def list_(
 def show(
     which: str = typer.Argument(..., metavar="OFFSET_OR_JOBID", help="Source offset (N or PARTITION:N) or job id."),
     as_json: bool = JsonOpt,
-    source: dict = None,  # _SOURCE_OPTIONS go here in --help
+    source: Optional[dict[str, Any]] = None,  # _SOURCE_OPTIONS go here in --help
 ) -> None:
     """One dead letter in full: headers, reason, value."""
-    settings, letters = _load(**source)
+    settings, letters = _load(**grouped(source))
     hits = find(letters, which)
     if not hits:
         fail(f"no dead letter in {settings.topic}.dlq at source offset or job id {which!r}; "
@@ -130,7 +145,7 @@ def redrive(
     to_topic: Optional[str] = typer.Option(None, "--to-topic", help="Publish to this topic instead of the jobs "
                                            "topic (e.g. model_not_served letters to the fleet that serves them)."),
     as_json: bool = JsonOpt,
-    source: dict = None,  # _SOURCE_OPTIONS go here in --help
+    source: Optional[dict[str, Any]] = None,  # _SOURCE_OPTIONS go here in --help
 ) -> None:
     """Re-publish chosen dead letters' original bytes (key, value, headers) to the jobs topic.
 
@@ -144,7 +159,8 @@ def redrive(
             offsets.append(parse_offset(text))
         except ValueError:
             fail(f"--offset {text!r} must be N or PARTITION:N (source offsets, non-negative integers)")
-    settings, letters = _load(**source)
+    options = grouped(source)
+    settings, letters = _load(**options)
     chosen = select(letters, codes=code or (), job_ids=job_id or (), offsets=offsets)
     ready, refused = [], []
     for d in chosen:
@@ -153,7 +169,7 @@ def redrive(
         except RedriveRefused as exc:
             refused.append((d, str(exc)))
     target = to_topic or settings.topic
-    sent, failed = (0, []) if dry_run else _send(settings, target, ready, source["timeout_s"])
+    sent, failed = (0, []) if dry_run else _send(settings, target, ready, options["timeout_s"])
     report = {"topic": target, "selected": len(chosen), "redriven": sent, "dry_run": dry_run,
               "would_redrive": len(ready) if dry_run else None,
               "refused": [{"source": d.summary()["source"], "job_id": d.job_id, "why": why} for d, why in refused],

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 import typer
 
@@ -69,6 +69,17 @@ def scale_local(
                    err=True)
 
 
+def _offset_reset_policy(text: str) -> Literal["latest", "earliest"]:
+    """--offset-reset-policy as LagOptions takes it; LagError, worded as LagOptions words it, if neither."""
+    from spotbatch.scaler.lag import LagError
+
+    if text == "latest":
+        return "latest"
+    if text == "earliest":
+        return "earliest"
+    raise LagError(f"offsetResetPolicy must be latest or earliest, got {text!r}")
+
+
 def lag(
     group: str = typer.Option(..., "--group", help="Consumer group to measure."),
     topic: Optional[str] = typer.Option(None, "--topic", help="Topic (default: every topic the group has committed offsets for)."),
@@ -91,7 +102,8 @@ def lag(
     settings = load_or_exit(config, kafka_bootstrap=bootstrap)
     try:
         options = LagOptions(lag_threshold=lag_threshold, activation_lag_threshold=activation_lag_threshold,
-                             offset_reset_policy=offset_reset_policy, allow_idle_consumers=allow_idle_consumers)
+                             offset_reset_policy=_offset_reset_policy(offset_reset_policy),
+                             allow_idle_consumers=allow_idle_consumers)
         report = _lag_report(settings.kafka_bootstrap, group, topic, options, min_replicas, max_replicas,
                              client_options=client_options(settings))
     except (LagError, ValueError) as exc:

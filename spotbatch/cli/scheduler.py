@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional, cast
 
 import typer
 
@@ -67,6 +67,7 @@ def _refresh(file: Path, region: Optional[str], types: Optional[str], spot_stat:
         fail("--refresh needs --region, e.g. --region us-east-1")
     if spot_stat not in ("mean", "min"):
         fail(f"--spot-stat {spot_stat!r} is not 'mean' or 'min'; pass one of those")
+    stat = cast(Literal["mean", "min"], spot_stat)
     wanted = [t.strip() for t in types.split(",") if t.strip()] if types else None
     if wanted is None:
         try:
@@ -75,7 +76,7 @@ def _refresh(file: Path, region: Optional[str], types: Optional[str], spot_stat:
             wanted = list(DEFAULT_TYPES)
     ec2, pricing = aws_clients(region)
     try:
-        fresh = refresh_prices(wanted, region, ec2=ec2, pricing=pricing, spot_stat=spot_stat)
+        fresh = refresh_prices(wanted, region, ec2=ec2, pricing=pricing, spot_stat=stat)
     except PricingError as exc:
         fail(str(exc), code=1)
     except (BotoCoreError, ClientError) as exc:

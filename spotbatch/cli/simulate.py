@@ -14,7 +14,7 @@ from typing import Any, List, Optional
 import typer
 
 from spotbatch.cli import spot_options as cs  # light: typer options only, imports inside
-from spotbatch.cli.common import JsonOpt, ProgressLines, err, fail, option_group, out
+from spotbatch.cli.common import JsonOpt, ProgressLines, err, fail, grouped, option_group, out
 
 __all__ = ["SCENARIO_OPTIONS", "POOL_OPTIONS", "register"]
 
@@ -143,7 +143,7 @@ def simulate(
     slo_drain: str = typer.Option("30m", "--slo-drain", help="A job draining later than this is an SLO miss."),
     baseline: int = typer.Option(2, "--baseline", min=0, help="On-demand baseline of the 'baseline' policies."),
     fallback_cap: Optional[int] = typer.Option(None, "--fallback-cap", min=0, help="Fallback cap (default: a quarter of --max-replicas)."),
-    pool: dict = None,  # POOL_OPTIONS go here in --help
+    pool: Optional[dict[str, Any]] = None,  # POOL_OPTIONS go here in --help
     spot_trace: Optional[List[Path]] = cs.SpotTraceOpt, replicas_per_zone: Optional[int] = cs.ReplicasPerZoneOpt,
     spot_trace_fit: str = cs.FitOpt, trace_start: str = cs.TraceStartOpt, zone_window: str = cs.ZoneWindowOpt,
     plot: Optional[Path] = cs.PlotOpt, as_json: bool = JsonOpt,
@@ -161,7 +161,7 @@ def simulate(
     sim = replace(sim, zone_score_window_s=_duration(zone_window, "--zone-window"))
     workload, zones = cs.simulate_zones(spot_traces, workload, start=trace_start, fit=spot_trace_fit,
                                         replicas_per_zone=replicas_per_zone, max_replicas=max_replicas, duration=_duration)
-    template = _pool_template(**pool)
+    template = _pool_template(**grouped(pool))
     cap = fallback_cap if fallback_cap is not None else max(1, max_replicas // 4)
     chosen = sm.standard_policies(baseline=baseline, fallback_cap=cap, spot_max=max_replicas)
     if zones is not None:
@@ -200,7 +200,7 @@ def plan(
     seeds: str = typer.Option("1,2", "--seeds", help="Comma-separated seeds; a setting must meet the SLO on each."),
     baselines: Optional[str] = typer.Option(None, "--baselines", help="Comma-separated baselines to try (default 0,1,2,4,... up to max/2)."),
     fallback_caps: Optional[str] = typer.Option(None, "--fallback-caps", help="Comma-separated caps to try (default 0 and 1/8..all of max)."),
-    pool: dict = None,  # POOL_OPTIONS go here in --help
+    pool: Optional[dict[str, Any]] = None,  # POOL_OPTIONS go here in --help
     jobs: int = typer.Option(0, "--jobs", min=0, help="Processes to simulate in (0 = one per CPU)."),
     runners_up: int = typer.Option(5, "--runners-up", min=0, help="How many runners-up to show."),
     spot_trace: Optional[List[Path]] = cs.SpotTraceOpt, replicas_per_zone: Optional[int] = cs.ReplicasPerZoneOpt,
@@ -240,7 +240,7 @@ def plan(
                            max_miss_fraction=max_miss_fraction,
                            baselines=_ints(baselines, "--baselines") if baselines else None,
                            fallback_caps=_ints(fallback_caps, "--fallback-caps") if fallback_caps else None,
-                           template=_pool_template(**pool), jobs=jobs,
+                           template=_pool_template(**grouped(pool)), jobs=jobs,
                            progress=tick, windows=windows, zone_counts=_ints(zone_counts, "--zone-counts") if zone_counts else None,
                            placements=placement_list)
     if plot is not None and result.recommended is not None:

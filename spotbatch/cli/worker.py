@@ -44,6 +44,7 @@ WORKER_OPTIONS: dict[str, tuple[Any, Any]] = _options({
         "(repeatable; env SPOTBATCH_INPUT_PREFIXES, comma-separated); none: URI jobs are refused.")),
     "max_batch_rows": _Setting(int, "Close a batch at this many rows"),
     "max_wait_ms": _Setting(int, "...or when its oldest row waited this long"),
+    "max_batch_tokens": _Setting(int, "Text models: close a batch at this many padded tokens (rows sorted by length)"),
     "device": _Setting(str, "auto, cpu, cuda, cuda:N"),
     "precision": _Setting(str, "auto, fp32, bf16, fp16"),
     "torch_threads": _Setting(int, "torch.set_num_threads for CPU inference"),

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping
 
 import numpy as np
 import torch
 
-__all__ = ["pick_device", "to_device", "to_host", "is_oom"]
+from spotbatch.errors import is_oom  # one test for an OOM; re-exported for the handlers
+
+__all__ = ["pick_device", "to_device", "to_host", "is_oom", "Uploader", "Uploaded"]
 
 _SPEC = re.compile(r"^(auto|cpu|cuda)(?::(\d+))?$")
 
@@ -60,15 +63,63 @@ def to_host(tensor: torch.Tensor) -> np.ndarray:
     return tensor.cpu().numpy()
 
 
-def is_oom(exc: BaseException) -> bool:
-    """True for a CUDA out-of-memory error, however it surfaces.
+class Uploaded(dict):
+    """Device tensors from ``Uploader.upload``; ``ready()`` makes the current stream wait
+    for their copy (a no-op on CPU). A dict, so handlers index it like collate's."""
 
-    Inside TorchScript or cuBLAS an OOM can arrive as a plain RuntimeError that only
-    says so in its message, not as torch.cuda.OutOfMemoryError.
+    event: Any = None
+
+    def ready(self) -> "Uploaded":
+        if self.event is not None:
+            torch.cuda.current_stream().wait_event(self.event)
+            for tensor in self.values():  # the caching allocator must not reuse them early
+                tensor.record_stream(torch.cuda.current_stream())
+            self.event = None
+        return self
+
+
+class Uploader:
+    """Host -> device copies for the stage thread: reused pinned buffers, async copies.
+
+    On CUDA each batch's tensors are written into page-locked host buffers kept from
+    batch to batch (``slots`` sets of them, grown when a batch is bigger, never freed),
+    then copied with ``non_blocking=True`` on a side stream, so batch N+1 uploads
+    while batch N computes. A slot is rewritten only after its last copy finished.
+    Without CUDA, pinned memory does not exist: tensors go to the device as they are.
     """
-    if isinstance(exc, torch.cuda.OutOfMemoryError):
-        return True
-    text = str(exc)
-    return isinstance(exc, RuntimeError) and (
-        "CUDA out of memory" in text or "CUBLAS_STATUS_ALLOC_FAILED" in text
-    )
+
+    def __init__(self, device: torch.device, *, slots: int = 2, pin: bool | None = None) -> None:
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        self.pin = self.cuda if pin is None else pin
+        self._stream = torch.cuda.Stream(self.device) if self.cuda else None
+        self._slots: list[dict[str, torch.Tensor]] = [{} for _ in range(max(1, slots))]
+        self._events: list[Any] = [None] * len(self._slots)
+        self._next = 0
+        self.grown = 0  # buffer (re)allocations: stays flat once batches stop growing
+
+    def host_buffer(self, slot: int, name: str, like: torch.Tensor) -> torch.Tensor:
+        """A reused host buffer of ``like``'s shape and dtype (a view of a flat one)."""
+        flat = self._slots[slot].get(name)
+        if flat is None or flat.dtype != like.dtype or flat.numel() < like.numel():
+            flat = torch.empty(max(like.numel(), 1), dtype=like.dtype, pin_memory=self.pin)
+            self._slots[slot][name] = flat
+            self.grown += 1
+        return flat[: like.numel()].view(like.shape)
+
+    def upload(self, tensors: Mapping[str, torch.Tensor]) -> Uploaded:
+        if not self.cuda:
+            return Uploaded({k: v.to(self.device) for k, v in tensors.items()})
+        slot, self._next = self._next, (self._next + 1) % len(self._slots)
+        if self._events[slot] is not None:
+            self._events[slot].synchronize()  # its previous copy still reads the buffer
+        out = Uploaded()
+        with torch.cuda.stream(self._stream):
+            for name, tensor in tensors.items():
+                host = self.host_buffer(slot, name, tensor)
+                host.copy_(tensor)
+                out[name] = host.to(self.device, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(self._stream)
+        self._events[slot] = out.event = event
+        return out

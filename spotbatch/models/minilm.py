@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ._params import bool_param, check_text, reject_unknown_params, texts_ok
-from .base import Outputs
+from .base import Outputs, Prepared
 from .devices import to_device, to_host
 
 __all__ = ["SentenceEncoder", "minilm", "read_folder_config"]
@@ -26,7 +26,8 @@ __all__ = ["SentenceEncoder", "minilm", "read_folder_config"]
 _NORMALIZE_MODULE = "sentence_transformers.models.Normalize"
 
 
-def _read_json(path: Path) -> dict[str, Any] | list[Any] | None:
+def _read_json(path: Path) -> Any:
+    """The file's JSON (the caller knows its shape), or None when there is no file."""
     return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
@@ -90,21 +91,49 @@ class SentenceEncoder:
         return {"normalize": bool_param(params, "normalize", self.normalize)}
 
     def predict(self, values: Sequence[Any], params: Mapping[str, Any]) -> Outputs:
+        return self.predict_prepared(self.prepare(values), params)
+
+    # The prepare stage: tokenise where the worker batches (off the inference thread),
+    # so batches form by tokens and the model thread only pads and runs.
+
+    def prepare(self, values: Sequence[Any]) -> Prepared:
+        """Token ids per row, truncated to max_seq_length, unpadded (lengths = tokens)."""
+        if self._tokenizer is None:
+            raise RuntimeError(f"{self.name}: call load() before prepare()")
+        values = list(values)
+        if not values:
+            return Prepared([], [], np.zeros(0, dtype=np.int64))
+        # A fast tokenizer encodes the whole list in Rust with the GIL released.
+        ids = self._tokenizer(values, truncation=True, max_length=self.max_seq_length, padding=False,
+                              return_attention_mask=False, return_token_type_ids=False)["input_ids"]
+        return Prepared(values, ids, np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)))
+
+    def collate(self, prepared: Prepared) -> dict[str, torch.Tensor]:
+        """Padded host tensors for one batch: pad to the batch's longest row only."""
+        n, width = len(prepared), int(prepared.lengths.max(initial=1))
+        ids = np.full((n, width), self._tokenizer.pad_token_id or 0, dtype=np.int64)
+        for row, tokens in enumerate(prepared.items):
+            ids[row, : len(tokens)] = tokens
+        mask = (np.arange(width)[None, :] < prepared.lengths[:, None]).astype(np.int64)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+    def forward(self, tensors: Mapping[str, torch.Tensor], params: Mapping[str, Any]) -> Outputs:
+        """Run on tensors already on the device (see collate) and pool to host float32."""
         if self._model is None:
             raise RuntimeError(f"{self.name}: call load() before predict()")
-        dim = self._model.config.hidden_size
-        if not values:
-            return {"embedding": np.zeros((0, dim), dtype=np.float32)}
-        batch = self._tokenizer(
-            list(values), padding=True, truncation=True,
-            max_length=self.max_seq_length, return_tensors="pt",
-        )
-        batch = {k: to_device(v, self._device) for k, v in batch.items()}
-        hidden = self._model(**batch).last_hidden_state
-        pooled = mean_pool(hidden, batch["attention_mask"])
+        hidden = self._model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"]).last_hidden_state
+        pooled = mean_pool(hidden, tensors["attention_mask"])
         if params.get("normalize", self.normalize):
             pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return {"embedding": to_host(pooled)}
+
+    def predict_prepared(self, prepared: Prepared, params: Mapping[str, Any]) -> Outputs:
+        if self._model is None:
+            raise RuntimeError(f"{self.name}: call load() before predict()")
+        if not len(prepared):
+            return {"embedding": np.zeros((0, self._model.config.hidden_size), dtype=np.float32)}
+        tensors = {k: to_device(v, self._device) for k, v in self.collate(prepared).items()}
+        return self.forward(tensors, params)
 
 
 def minilm() -> SentenceEncoder:

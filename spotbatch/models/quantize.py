@@ -62,6 +62,10 @@ class Int8TokenLinear(torch.nn.Module):
         self.register_buffer("bias", bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    weight_int8: torch.Tensor  # buffers, registered in __init__
+    weight_scale: torch.Tensor
+    bias: torch.Tensor | None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         flat = x.reshape(-1, shape[-1]).to(torch.float32)
@@ -87,6 +91,9 @@ class BF16Linear(torch.nn.Module):
         bias = None if linear.bias is None else linear.bias.detach().to(torch.bfloat16).clone()
         self.register_buffer("bias", bias)
         self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    weight: torch.Tensor  # buffers, registered in __init__
+    bias: torch.Tensor | None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.nn.functional.linear(x.to(torch.bfloat16), self.weight, self.bias).to(x.dtype)

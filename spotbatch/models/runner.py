@@ -3,6 +3,12 @@
 It owns the device-level policy the handlers should not repeat: inference_mode,
 autocast precision, float32 results on the host, and splitting a batch that runs
 out of GPU memory into halves until the pieces fit (down to a single row).
+
+For handlers with a prepare stage (see base.py), ``run`` takes the ``Prepared`` rows
+the batcher formed, and ``stage`` does a batch's host work ahead of ``run`` on the
+inference thread's stage thread: collate to padded tensors, then start their copy to
+the device from reused pinned buffers on a side stream (``Uploader``), so the copy of
+batch N+1 overlaps the compute of batch N.
 """
 
 from __future__ import annotations
@@ -16,10 +22,10 @@ import numpy as np
 import torch
 
 from ..errors import JobError
-from .base import ModelHandler, Outputs
-from .devices import is_oom, pick_device, to_device
+from .base import ModelHandler, Outputs, Prepared, PreparingHandler
+from .devices import Uploaded, Uploader, is_oom, pick_device, to_device
 
-__all__ = ["BatchRunner", "PRECISIONS", "resolve_precision", "pick_device", "to_device"]
+__all__ = ["BatchRunner", "Staged", "PRECISIONS", "resolve_precision", "pick_device", "to_device"]
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +48,23 @@ def resolve_precision(precision: str, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
+class Staged:
+    """A batch whose tensors are on (or on their way to) the device: ``stage``'s result."""
+
+    def __init__(self, prepared: Prepared, tensors: Uploaded) -> None:
+        self.prepared, self.tensors = prepared, tensors
+
+    def __len__(self) -> int:
+        return len(self.prepared)
+
+    def __getitem__(self, index: slice) -> "Staged":
+        """Rows ``index`` (a slice), trimmed to their own longest row (an OOM half)."""
+        part = self.prepared[index]
+        width = int(part.lengths.max(initial=1))
+        return Staged(part, Uploaded({k: v[index, :width] if v.ndim == 2 else v[index]
+                                      for k, v in self.tensors.ready().items()}))
+
+
 class BatchRunner:
     """Wraps a handler: ``run(values, params)`` returns float32 host outputs, in order."""
 
@@ -52,6 +75,7 @@ class BatchRunner:
         self.device = device if isinstance(device, torch.device) else pick_device(device)
         self.autocast_dtype = resolve_precision(precision, self.device)
         self._loaded = False
+        self._uploader: Uploader | None = None
 
     def load(self) -> None:
         """Load the handler onto the device (run() does it on first use)."""
@@ -59,21 +83,47 @@ class BatchRunner:
             self.handler.load(self.device)
             self._loaded = True
 
-    def run(self, values: Sequence[Any], params: Mapping[str, Any]) -> Outputs:
-        """Predict ``values`` (already checked) and return one output row per value."""
+    def run(self, values: Sequence[Any] | Prepared | Staged, params: Mapping[str, Any]) -> Outputs:
+        """Predict ``values`` (already checked; raw, Prepared or Staged) and return one
+        output row per value."""
         self.load()
+        if not isinstance(values, (Prepared, Staged)):
+            values = list(values)
         with torch.inference_mode(), self._autocast():
-            outputs = self._run_split(list(values), params)
+            outputs = self._run_split(values, params)
         return {name: _host_float32(array) for name, array in outputs.items()}
+
+    @property
+    def can_stage(self) -> bool:
+        return isinstance(self.handler, PreparingHandler)
+
+    def stage(self, values: Any) -> Any:
+        """Host work for a batch before ``run``: Prepared rows -> padded tensors whose
+        copy to the device has started. Anything else comes back as it is."""
+        handler = self.handler
+        if not (isinstance(values, Prepared) and isinstance(handler, PreparingHandler) and len(values)):
+            return values
+        self.load()
+        if self._uploader is None:
+            self._uploader = Uploader(self.device)
+        return Staged(values, self._uploader.upload(handler.collate(values)))
 
     def _autocast(self) -> contextlib.AbstractContextManager[Any]:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    def _run_split(self, values: list[Any], params: Mapping[str, Any]) -> Outputs:
+    def _predict(self, values: Any, params: Mapping[str, Any]) -> Outputs:
+        handler = self.handler
+        if isinstance(values, (Staged, Prepared)) and isinstance(handler, PreparingHandler):
+            if isinstance(values, Staged):
+                return handler.forward(values.tensors.ready(), params)
+            return handler.predict_prepared(values, params)
+        return handler.predict(values, params)
+
+    def _run_split(self, values: Any, params: Mapping[str, Any]) -> Outputs:
         try:
-            return _checked(self.handler.predict(values, params), len(values), self.handler.name)
+            return _checked(self._predict(values, params), len(values), self.handler.name)
         except Exception as exc:
             if not is_oom(exc):
                 raise

@@ -132,7 +132,10 @@ class TensorModelHandler:
         return torch.cat([self._call(chunk) for chunk in padded.split(step)])[:n]
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._forward(to_device(x, self._device))
+        forward = self._forward
+        if forward is None:
+            raise RuntimeError(f"{self.name}: call load() before predict()")
+        out = forward(to_device(x, self._device))
         if not isinstance(out, torch.Tensor) or out.ndim == 0 or out.shape[0] != x.shape[0]:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             expected = f"a tensor ({x.shape[0]}, ...)"

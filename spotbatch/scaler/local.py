@@ -2,8 +2,8 @@
 
 ``LocalAutoscaler`` runs the loop: observe (``spotbatch.scaler.backlog``), reap, decide
 (``spotbatch.scaler.decide``, pure), apply (``spotbatch.scaler.procs``, the process
-pool), and record each scale event (a structured log line as it happens, and the list
-for ``--json``). ``run_scale_local`` is ``spotbatch scale-local``.
+pool), and record each scale event (a JSON log line as it happens, and the list for
+``--json``). ``run_scale_local`` is ``spotbatch scale-local``.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from spotbatch.kafka_security import client_options
+from spotbatch.logevents import event_line
 from spotbatch.retry import is_transient_kafka
 from spotbatch.scaler.backlog import Backlog, GroupBacklog
 from spotbatch.scaler.decide import Decision, Observation, ScalePolicy, ScaleState, decide
@@ -45,13 +46,14 @@ class ScaleEvent:
     returncode: int | None = None
 
     def line(self) -> str:
-        """logfmt: one greppable line per event."""
-        pairs = {"event": self.event, "from": self.replicas_from, "to": self.replicas_to, "lag": self.lag,
-                 "unconsumed": self.unconsumed, "pids": ",".join(map(str, self.pids)) or "-"}
+        """One JSON object per event (``spotbatch.logevents``; ``parse_events`` reads it back)."""
+        fields: dict[str, Any] = {"from": self.replicas_from, "to": self.replicas_to, "lag": self.lag,
+                                  "unconsumed": self.unconsumed, "pids": self.pids}
         if self.returncode is not None:
-            pairs["rc"] = self.returncode
-        text = " ".join(f"{k}={v}" for k, v in pairs.items())
-        return f"{text} reason={json.dumps(self.reason)}" if self.reason else text
+            fields["rc"] = self.returncode
+        if self.reason:
+            fields["reason"] = self.reason
+        return event_line(self.event, ts=self.at, **fields)
 
 
 @dataclass

@@ -114,10 +114,13 @@ class WorkerPool:
     def reap(self) -> list[Slot]:
         """Slots whose process exited since the last call; kills drains past the deadline."""
         now = self._clock()
-        for slot in self.stopping:
-            if not slot.killed and now - slot.stop_sent_s >= self._kill_after_s and slot.proc.poll() is None:
+        for slot in self._slots:
+            sent_s = slot.stop_sent_s
+            if sent_s is None:  # not stopping
+                continue
+            if not slot.killed and now - sent_s >= self._kill_after_s and slot.proc.poll() is None:
                 log.warning("worker %d (pid %d) still draining after %.0fs; SIGKILL", slot.index, slot.pid,
-                            now - slot.stop_sent_s)
+                            now - sent_s)
                 slot.proc.kill()
                 slot.killed = True
         gone = []

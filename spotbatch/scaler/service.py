@@ -31,7 +31,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent import futures
 from dataclasses import dataclass, field, replace
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, NoReturn, Protocol, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -41,6 +41,11 @@ from spotbatch.scaler import policy
 from spotbatch.scaler.lag import LagError, LagOptions, compute_lag, read_offsets
 from spotbatch.scaler.proto import externalscaler_pb2 as pb
 from spotbatch.scaler.proto import externalscaler_pb2_grpc as pb_grpc
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from spotbatch.scaler.work import PendingWork, UsageRates
 
 __all__ = [
     "PoolSplitter",
@@ -67,6 +72,12 @@ DEFAULT_ROWS_PER_S = 100.0
 
 class PoolSplitter(Protocol):
     def replicas(self, pool: str, desired_total: int, metadata: Mapping[str, str]) -> int: ...
+
+
+class OffsetSource(Protocol):
+    """What ``reader_factory`` makes: a kafka_admin.OffsetReader, or a stand-in for one."""
+
+    def close(self) -> None: ...
 
 
 class MetadataError(ValueError):
@@ -117,9 +128,10 @@ def parse_metadata(meta: Mapping[str, str], *, default_bootstrap: str | None = N
     group = meta.get("consumerGroup")
     if not group:
         raise MetadataError("metadata consumerGroup is missing; set it to the workers' consumer group")
-    mode = meta.get("mode", "lag")
-    if mode not in ("lag", "work"):
-        raise MetadataError(f"metadata mode={_echo(mode)} is not lag or work; use mode: lag (KEDA's lag) or mode: work")
+    raw_mode = meta.get("mode", "lag")
+    if raw_mode not in ("lag", "work"):
+        raise MetadataError(f"metadata mode={_echo(raw_mode)} is not lag or work; use mode: lag (KEDA's lag) or mode: work")
+    mode = cast(Literal["lag", "work"], raw_mode)
     pool = meta.get("pool") or None
     if pool is not None and pool not in POOLS:
         raise MetadataError(f"metadata pool={_echo(pool)} is not one of {', '.join(POOLS)}")
@@ -237,8 +249,8 @@ class _Cluster:
     that does not answer blocks only its own triggers) and its usage rates."""
 
     lock: threading.Lock = field(default_factory=threading.Lock)
-    reader: object | None = None
-    rates: object | None = None
+    reader: OffsetSource | None = None
+    rates: UsageRates | None = None
     closed: bool = False
 
 
@@ -259,7 +271,7 @@ class LagSource:
 
     def __init__(self, *, cache_s: float = 2.0, usage_topic: str = "spotbatch.usage", checkpoints=None,
                  splitter: PoolSplitter | None = None, rate_window_s: float = 600.0,
-                 reader_factory: Callable[[str], object] | None = None,
+                 reader_factory: Callable[[str], OffsetSource] | None = None,
                  client_options: Mapping | None = None,
                  call_timeout_s: float | None = DEFAULT_CALL_TIMEOUT_S, stale_s: float = DEFAULT_STALE_S,
                  max_groups: int = 1024, max_clusters: int = 64, input_prefixes: Sequence[str] = (),
@@ -284,7 +296,7 @@ class LagSource:
         self._lock = threading.Lock()  # guards the dicts below only; never held across I/O
         self._groups: OrderedDict[tuple, _Group] = OrderedDict()
         self._clusters: OrderedDict[str, _Cluster] = OrderedDict()
-        self._pending: OrderedDict[tuple, object] = OrderedDict()
+        self._pending: OrderedDict[tuple, PendingWork] = OrderedDict()
         self._answers: OrderedDict[tuple, tuple[Reading, float]] = OrderedDict()  # trigger -> (last, at)
         self._inflight: dict[tuple, futures.Future] = {}
         self.broker_reads = 0  # offset reads that went to the broker (cache misses)
@@ -356,6 +368,8 @@ class LagSource:
         desired = math.ceil(metric.value / metric.target) if metric.active else 0
         value, active = metric.value, metric.active
         if request.pool:
+            if self.splitter is None:  # reading() refuses such a request before it gets here
+                raise MetadataError(f"metadata pool={request.pool!r} needs a pool splitter, and this scaler has none")
             share = max(int(self.splitter.replicas(request.pool, desired, dict(metadata or {}))), 0)
             value, active = share * metric.target, share > 0
         return Reading(value=value, target=metric.target, active=active, total_lag=result.total_lag,
@@ -413,7 +427,7 @@ class LagSource:
             _close_later(old)
         return cluster
 
-    def _reader(self, bootstrap: str):
+    def _reader(self, bootstrap: str) -> OffsetSource:
         with self._lock:
             cluster = self._cluster(bootstrap)
         with cluster.lock:  # this cluster's only: a Kafka that hangs here holds no one else
@@ -570,9 +584,10 @@ class ExternalScalerServicer(pb_grpc.ExternalScalerServicer):
         return _Timed(self._metrics, method, context)
 
 
-def _abort(context, code: grpc.StatusCode, message: str):
+def _abort(context, code: grpc.StatusCode, message: str) -> NoReturn:
     """End the call with ``code`` and a one-line, bounded message."""
     context.abort(code, _one_line(message))
+    raise RuntimeError("grpc's context.abort returned; it always raises")  # grpc documents that it raises
 
 
 class _Timed:
@@ -582,7 +597,7 @@ class _Timed:
     def __enter__(self):
         self._t0 = time.perf_counter()
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         self._m.latency.labels(self._method).observe(time.perf_counter() - self._t0)
         code = self._context.code() if exc_type is not None else grpc.StatusCode.OK
         self._m.calls.labels(self._method, getattr(code, "name", "UNKNOWN")).inc()
@@ -597,7 +612,7 @@ class ScalerServer:
     port: int
     servicer: ExternalScalerServicer
     health: health.HealthServicer
-    http: object | None = None
+    http: WSGIServer | None = None
     metrics_port: int | None = None
 
     def stop(self, grace_s: float = 2.0) -> None:
@@ -636,7 +651,7 @@ def serve(*, port: int = 9090, metrics_port: int | None = 9091, host: str = "0.0
                         http.server_port if http is not None else None)
 
 
-def _serve_http(host: str, port: int, registry: CollectorRegistry):
+def _serve_http(host: str, port: int, registry: CollectorRegistry) -> WSGIServer:
     """/metrics (Prometheus) and /healthz (always ok while serving) on a daemon thread."""
     from spotbatch.metrics_http import serve_http
 

@@ -79,9 +79,9 @@ class KubeScaledObjects:
 
 
 def _in_cluster() -> bool:
-    import os
+    from spotbatch.config import Environment
 
-    return bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
+    return bool(Environment().kubernetes_service_host)
 
 
 @dataclass(frozen=True)
@@ -116,12 +116,13 @@ def plan_changes(api: ScaledObjects, pools: PoolConfig, max_total: int, *,
     changes = []
     for pool, name in SCALED_OBJECTS.items():
         spec = api.get(name).get("spec") or {}
+        triggers: list[dict] = spec.get("triggers") or []
         current = {"minReplicaCount": spec.get("minReplicaCount"), "maxReplicaCount": spec.get("maxReplicaCount"),
-                   "triggers": spec.get("triggers") or []}
+                   "triggers": triggers}
         desired = {"minReplicaCount": minimum[pool],
                    # KEDA needs max >= max(min, 1); a pool with no share stays at 0 anyway
                    "maxReplicaCount": max(bounds[pool], minimum[pool], 1),
-                   "triggers": _with_metadata(current["triggers"], meta, pool, name)}
+                   "triggers": _with_metadata(triggers, meta, pool, name)}
         changes.append(Change(pool, name, current, desired))
     return changes
 

@@ -101,7 +101,7 @@ def default_zone_counts(zones: int) -> list[int]:
 
 def search(trace: Trace, *, sim: SimConfig, market: SpotMarket, price: InstancePrice, seeds: Sequence[int],
            slo_drain_s: float, max_miss_fraction: float = 0.001, baselines: Sequence[int] | None = None,
-           fallback_caps: Sequence[int] | None = None, template: PoolConfig = PoolConfig(), jobs: int = 1,
+           fallback_caps: Sequence[int] | None = None, template: PoolConfig | None = None, jobs: int = 1,
            progress: Callable[[int, int], None] | None = None, windows: SpotWindows | None = None,
            zone_counts: Sequence[int] | None = None, placements: Sequence[str] = PLACEMENTS) -> Plan:
     """Simulate every candidate on every seed (and every spot trace window) and rank them."""
@@ -109,6 +109,7 @@ def search(trace: Trace, *, sim: SimConfig, market: SpotMarket, price: InstanceP
         raise ValueError("plan needs at least one seed")
     sim = replace(sim, slo_drain_s=slo_drain_s)
     grid_b, grid_c = default_grid(sim.max_replicas)
+    template = template or PoolConfig()
     settings = [replace(template, baseline=b, fallback_cap=c, spot_max=min(template.spot_max, sim.max_replicas))
                 for b in (baselines if baselines is not None else grid_b)
                 for c in (fallback_caps if fallback_caps is not None else grid_c)]
@@ -247,10 +248,10 @@ def plan_table(plan: Plan, *, runners_up: int = 5):
     view.caption = ("base: on-demand baseline; cap: on-demand fallback cap above it; "
                     + ("place: spot placement over zones (spread or zone-aware); zones: the best N zones; " if traced else "spot: spot max; ")
                     + "vs OD: cost relative to all on-demand; miss, p95 drain: the worst over the runs")
-    if plan.recommended is None:
+    m = margin(plan)  # None exactly when nothing is recommended
+    if plan.recommended is None or m is None:
         view.caption = "no setting met the SLO: relax --slo-drain / --max-miss-fraction or raise --max-replicas"
     else:
-        m = margin(plan)
         view.caption += (f"\nmargin: worst miss {m['worst_miss_fraction']:.3%} of {m['miss_fraction_allowed']:.3%} allowed"
                          + (f"; the next setting that meets it costs ${m['next_meeting_cost_delta']:,.0f} more"
                             if m["next_meeting_cost_delta"] is not None else ""))

@@ -34,11 +34,11 @@ class DeploymentReader(Protocol):
 
 class KubeDeployments:
     def __init__(self, *, namespace: str = "spotbatch", kubeconfig: str | None = None, context: str | None = None) -> None:
-        import os
-
         from kubernetes import client, config
 
-        if kubeconfig is None and context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        from spotbatch.config import Environment
+
+        if kubeconfig is None and context is None and Environment().kubernetes_service_host:
             config.load_incluster_config()
             api_client = client.ApiClient()
         else:

@@ -94,7 +94,7 @@ def load_spot_trace(path: str | Path) -> SpotTrace:
                              f'{{"metadata": {{"gap_seconds": 300}}, "data": [0, 1, ...]}}') from None
     gap, data = _fields(doc, p)
     parts = {part.lower() for part in p.parts}
-    kind = "preemption" if "preemption" in parts else "availability"
+    kind: Literal["availability", "preemption"] = "preemption" if "preemption" in parts else "availability"
     nodes = next((int(m.group(1)) for part in reversed(p.parts) if (m := _NODES_DIR.match(part))), None)
     nodes = nodes or max(1, int(data.max()))
     if int(data.max()) > nodes:

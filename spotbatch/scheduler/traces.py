@@ -88,7 +88,9 @@ def _read_columns(p: Path) -> tuple[list[float], list[int], list[int]]:
                 raise TraceError(f"trace file {p} line {line_no}: at_s must be a number and rows/jobs integers") from None
             if a < 0 or r < 0 or j < 1:
                 raise TraceError(f"trace file {p} line {line_no}: at_s and rows must be >= 0 and jobs >= 1")
-            at.append(a), rows.append(r), jobs.append(j)
+            at.append(a)
+            rows.append(r)
+            jobs.append(j)
     return at, rows, jobs
 
 

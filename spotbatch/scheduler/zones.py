@@ -90,7 +90,7 @@ class SpotZones:
         self.caps = capacity.caps.T.tolist() if capacity is not None else None
         self.kill = capacity.kill.T.tolist() if capacity is not None and capacity.kill is not None else None
         self.order = list(range(n))
-        if self.aware:
+        if self.aware and capacity is not None:  # aware needs n > 1, so capacity is set
             full = np.maximum(1, np.asarray(capacity.replicas_per_zone, dtype=float))[:, None]
             self._cum = np.hstack([np.zeros((n, 1)), np.cumsum(capacity.caps / full, axis=1)])
             self._window = max(1, score_window_steps)

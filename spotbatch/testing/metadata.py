@@ -58,9 +58,14 @@ class _FakeMetadata(ABC):
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
 
+    def _running(self) -> ThreadingHTTPServer:
+        if self._server is None:
+            raise RuntimeError(f"{type(self).__name__} is not running: use it as a context manager")
+        return self._server
+
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"http://127.0.0.1:{self._running().server_address[1]}"
 
     def requests_to(self, route: str, method: str | None = None) -> list:
         with self._lock:
@@ -95,8 +100,9 @@ class _FakeMetadata(ABC):
         return self
 
     def __exit__(self, *_exc) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        server = self._running()
+        server.shutdown()
+        server.server_close()
 
     @abstractmethod
     def _answer(self, method: str, path: str, headers: dict, body: bytes) -> _Answer:

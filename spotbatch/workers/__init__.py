@@ -32,7 +32,8 @@ def build_worker(settings: Settings, *, burst: bool = False, broker: Broker | No
     runner = BatchRunner(handler, device=settings.device, precision=settings.precision)
     runner.load()
     log.info("model %s loaded on %s", handler.name, runner.device)
-    return Worker(settings, handler, runner.run, ParquetSink(settings.output), burst=burst, broker=broker)
+    return Worker(settings, handler, runner.run, ParquetSink(settings.output), burst=burst, broker=broker,
+                  stage=runner.stage if runner.can_stage else None)
 
 
 def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
@@ -66,7 +67,9 @@ def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:
             raise broker_unreachable(settings, time.monotonic() - waited, exc) from None
         watch = BrokerWatch(settings, worker).start()
         health.attach(worker, watch)
-        watchers = watchers_for(settings.notice_source, interval_s=settings.notice_poll_s)
+        watchers = watchers_for(settings.notice_source, aws_url=settings.aws_metadata_url,
+                                gcp_url=settings.gcp_metadata_url, azure_url=settings.azure_metadata_url,
+                                interval_s=settings.notice_poll_s)
 
         def on_notice(notice: Notice) -> None:
             if notice.kind == "rebalance":  # advisory: checkpoint often, start no large job for a while

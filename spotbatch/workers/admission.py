@@ -69,9 +69,10 @@ class Admission:
             self._ledger.take_up(unit.tp.topic, unit.tp.partition, [unit.record.offset])
             self._current_recorded = self._io.submit(self._ledger.save, unit.tp.topic, unit.tp.partition)
             self._alone.add(unit)
-        if not self._current_recorded.done():
+        recorded = self._current_recorded
+        if recorded is None or not recorded.done():
             return None
-        self._current_recorded.result()
+        recorded.result()
         return self._alone.next_batch(force=True)
 
     @property

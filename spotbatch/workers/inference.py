@@ -3,7 +3,12 @@
 It takes closed batches from an inbox where the owner stages up to
 ``max_in_flight`` of them (so the model never waits for the owner's next loop turn)
 and hands results back through an outbox the owner drains. A batch that fails for a reason other than a JobError is retried one
-segment at a time, so one job's poison row cannot fail its batch-mates.
+job at a time, so one job's poison row cannot fail its batch-mates.
+
+With ``stage`` (``BatchRunner.stage``: collate and start the copy to the device), a
+second thread stages batch N+1 while batch N computes, one batch ahead: on a GPU the
+host work and the upload hide behind the model. A batch whose staging fails runs
+unstaged, so the failure is the model call's to report.
 """
 
 from __future__ import annotations
@@ -23,7 +28,8 @@ __all__ = ["BatchResult", "InferenceThread"]
 
 log = logging.getLogger(__name__)
 
-RunFn = Callable[[list[Any], dict[str, Any]], Outputs]
+RunFn = Callable[[Any, dict[str, Any]], Outputs]  # values: a list, or Prepared/Staged rows
+StageFn = Callable[[Any], Any]
 
 
 @dataclass
@@ -35,13 +41,19 @@ class BatchResult:
 
 
 class InferenceThread:
-    def __init__(self, run: RunFn, *, max_in_flight: int = 2) -> None:
+    def __init__(self, run: RunFn, *, max_in_flight: int = 2, stage: StageFn | None = None) -> None:
         self._run = run
         self.max_in_flight = max(1, max_in_flight)
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
         self._busy = 0  # batches submitted and not yet returned; owner-thread only
         self._busy_rows = 0  # their rows
+        # Staged batches hold device memory: one ahead of the model is enough to overlap.
+        self._staged: queue.Queue[tuple[Batch, Any] | None] = queue.Queue(maxsize=1)
+        self._stager = None
+        if stage is not None:
+            self._stager = threading.Thread(target=self._stage_loop, args=(stage,), name="inference-stage", daemon=True)
+            self._stager.start()
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
 
@@ -76,15 +88,6 @@ class InferenceThread:
         self._returned(out)
         return out
 
-    def wait(self, timeout_s: float) -> list[BatchResult]:
-        """Block up to ``timeout_s`` for at least one result (used while draining)."""
-        try:
-            first = self.outbox.get(timeout=max(0.0, timeout_s))
-        except queue.Empty:
-            return []
-        self._returned([first])
-        return [first, *self.results()]
-
     def _returned(self, results: list[BatchResult]) -> None:
         self._busy -= len(results)
         self._busy_rows -= sum(r.batch.rows for r in results)
@@ -92,30 +95,54 @@ class InferenceThread:
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop after the staged batches (the daemon thread dies with the process anyway)."""
         self._inbox.put(None)
-        self._thread.join(timeout_s)
+        deadline = time.monotonic() + timeout_s
+        for thread in (self._stager, self._thread):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+
+    def _stage_loop(self, stage: StageFn) -> None:
+        while (batch := self._inbox.get()) is not None:
+            values: Any = batch.values
+            try:
+                values = stage(values)
+            except Exception as exc:  # noqa: BLE001 - the model call reports it, unstaged
+                log.warning("staging a batch of %d rows failed (%s); running it unstaged", batch.rows, exc)
+            self._staged.put((batch, values))
+        self._staged.put(None)
+
+    def _next(self) -> tuple[Batch, Any] | None:
+        if self._stager is not None:
+            return self._staged.get()
+        batch = self._inbox.get()
+        return None if batch is None else (batch, batch.values)
 
     def _loop(self) -> None:
-        while (batch := self._inbox.get()) is not None:
+        while (item := self._next()) is not None:
+            batch, values = item
             start = time.perf_counter()
             result = BatchResult(batch, 0.0)
             try:
-                result.parts = batch.split(self._run(batch.values, batch.params))
-            except Exception as exc:  # noqa: BLE001 - isolated per segment below
+                result.parts = batch.split(self._run(values, batch.params))
+            except Exception as exc:  # noqa: BLE001 - isolated per job below
                 self._run_alone(batch, exc, result)
+            del values  # a staged batch's device memory goes before the next one runs
             result.seconds = time.perf_counter() - start
             self.outbox.put(result)
 
     def _run_alone(self, batch: Batch, first: Exception, result: BatchResult) -> None:
-        if len(batch.segments) == 1:
-            result.failures = [(s.job, _as_job_error(first)) for s in batch.segments]
+        by_job: dict[int, list[Segment]] = {}
+        for seg in batch.segments:  # a sorted batch holds a job as several runs
+            by_job.setdefault(id(seg.job), []).append(seg)
+        if len(by_job) == 1:
+            result.failures = [(batch.segments[0].job, _as_job_error(first))]
             return
-        log.warning("batch of %d segments failed (%s); retrying each alone", len(batch.segments), first)
-        for seg in batch.segments:
-            values = seg.job.values[seg.start : seg.stop]
+        log.warning("batch of %d jobs failed (%s); retrying each alone", len(by_job), first)
+        for segments in by_job.values():
+            alone = Batch(segments, batch.params)
             try:
-                result.parts.append((seg, self._run(values, batch.params)))
+                result.parts += alone.split(self._run(alone.values, batch.params))
             except Exception as exc:  # noqa: BLE001
-                result.failures.append((seg.job, _as_job_error(exc)))
+                result.failures.append((segments[0].job, _as_job_error(exc)))
 
 
 def _as_job_error(exc: Exception) -> JobError:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from spotbatch.errors import JobError
 from spotbatch.input_access import InputPolicy
 from spotbatch.inputs import InputLimits, RowReader, open_input
-from spotbatch.jobs import InlineInputs, Job
+from spotbatch.jobs import InlineInputs, Job, UriInputs
 from spotbatch.models.base import ModelHandler
 from spotbatch.workers.batcher import PendingJob
 from spotbatch.workers.parts import PartFeed, PartPlanner
@@ -25,11 +25,11 @@ class Intake:
 
     def __init__(self, handler: ModelHandler, sink: ParquetSink, planner: PartPlanner, *,
                  aliases: tuple[str, ...] = (), inputs: InputPolicy | None = None,
-                 limits: InputLimits = InputLimits()) -> None:
+                 limits: InputLimits | None = None) -> None:
         self._handler = handler
         self._sink = sink
         self._inputs = inputs or InputPolicy(())  # none: URI jobs are refused
-        self._limits = limits
+        self._limits = limits or InputLimits()
         self._planner = planner
         # The name the operator configured ("torchscript:./m.pt") and the handler's own.
         self._names = {handler.name, *aliases}
@@ -87,7 +87,7 @@ class Intake:
         try:
             rows = reader.count()
             if not rows:
-                raise JobError("input_invalid", f"{job.inputs.uri} has no rows")
+                raise JobError("input_invalid", f"{cast(UriInputs, job.inputs).uri} has no rows")
             feed = self._planner.plan(job, record, reader, rows, params, epoch, self.check_rows)
         except BaseException:
             reader.close()
@@ -97,13 +97,13 @@ class Intake:
         return feed
 
     def _open(self, job: Job) -> RowReader:
-        inputs = job.inputs
+        inputs = cast(UriInputs, job.inputs)  # needs_io(job): a URI job
         uri = self._inputs.resolve(inputs.uri)  # before any byte is read
         return open_input(uri, id_column=inputs.id_column, input_column=inputs.input_column or self._handler.input_column,
                           limits=self._limits)
 
     def _inline_rows(self, job: Job) -> tuple[list[str], list[Any]]:
-        column, rows = self._handler.input_column, job.inputs.rows
+        column, rows = self._handler.input_column, cast(InlineInputs, job.inputs).rows
         try:
             values = [row[column] for row in rows]
         except KeyError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -42,7 +43,7 @@ class WorkerMetrics:
         return time.time() - self._last_loop_at < stale_s
 
 
-def serve_metrics(port: int, registry: CollectorRegistry, healthy: Health) -> WSGIServer:
+def serve_metrics(port: int, registry: Any, healthy: Health) -> WSGIServer:
     """Start the daemon /metrics + /healthz server on ``port`` (spotbatch.metrics_http);
     returns it so the caller can shut it down. ``healthy`` returns a bool, or (ok,
     reason): the reason is the /healthz body. ``registry`` is anything with

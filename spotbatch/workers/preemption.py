@@ -22,9 +22,9 @@ Sources (facts in ref/FACTS.md, "Spot interruptions"):
   window we are trying to use. Call ``stop()`` after draining.
 * ``SignalWatcher``: SIGTERM/SIGINT (Kubernetes sends SIGTERM before SIGKILL).
 
-Base URLs: constructor argument, else env ``SPOTBATCH_AWS_METADATA_URL``,
-``SPOTBATCH_GCP_METADATA_URL``, ``SPOTBATCH_AZURE_METADATA_URL`` (read by
-``watchers_for``), else the providers' addresses. ``watchers_for("auto")`` probes each
+Base URLs: constructor argument, else settings ``aws_metadata_url``, ``gcp_metadata_url``,
+``azure_metadata_url`` (env ``SPOTBATCH_AWS_METADATA_URL`` etc., read by ``watchers_for``
+when not passed), else the providers' addresses. ``watchers_for("auto")`` probes each
 cloud once (about 0.3 s, all in parallel) and keeps those that answer *like that
 provider* (AWS and Azure share 169.254.169.254, so "something answered" is not
 enough). A missed probe leaves the cloud out: name the cloud to always poll it.
@@ -40,7 +40,6 @@ from abc import ABC, abstractmethod
 import http.client
 import json
 import logging
-import os
 import signal
 import threading
 import time
@@ -50,8 +49,9 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.message import Message
 from email.utils import parsedate_to_datetime
-from typing import Callable, Iterator, Optional, Protocol, runtime_checkable
+from typing import Callable, Iterator, Optional, Protocol, cast, runtime_checkable
 
+from spotbatch.config import env_setting
 from spotbatch.retry import TryAgain, attempts
 
 __all__ = [
@@ -176,8 +176,10 @@ class _PollingWatcher(ABC):
                 return False
             self._seen.add(key)
             log.warning("interruption notice: %s", notice)
+            callback = self._on_notice
             try:
-                self._on_notice(notice)
+                if callback is not None:  # start() sets it before the thread runs
+                    callback(notice)
             except Exception:  # noqa: BLE001 - the caller's bug must not stop the watch
                 log.exception("preemption callback failed for %s", notice)
             return True
@@ -185,6 +187,11 @@ class _PollingWatcher(ABC):
     @abstractmethod
     def _poll(self) -> Iterator[tuple[object, Notice]]:
         """Each provider's own answer."""
+
+    @classmethod
+    @abstractmethod
+    def probe(cls, base_url: str, timeout_s: float) -> bool:
+        """Whether this provider's metadata endpoint answers at ``base_url`` (for "auto")."""
 
 
 class AwsWatcher(_PollingWatcher):
@@ -351,7 +358,7 @@ class AzureWatcher(_PollingWatcher):
         delivered = super()._emit(key, notice)
         if delivered:
             with self._ack_lock:
-                self._delivered.append(key[1])  # key is ("event", EventId)
+                self._delivered.append(cast(tuple, key)[1])  # key is ("event", EventId)
         return delivered
 
     def _poll(self) -> Iterator[tuple[object, Notice]]:
@@ -427,14 +434,16 @@ class SignalWatcher:
         self._count += 1
         name = signal.Signals(signum).name
         detail = name if self._count == 1 else f"{name} (again)"
+        callback = self._on_notice
         try:
-            self._on_notice(Notice("terminate", "signal", None, detail))
+            if callback is not None:  # start() sets it before installing the handler
+                callback(Notice("terminate", "signal", None, detail))
         except Exception:  # noqa: BLE001 - raising here would surface at a random line
             log.exception("preemption callback failed for %s", detail)
 
 
-_CLOUDS: dict[str, type] = {"aws": AwsWatcher, "gcp": GcpWatcher, "azure": AzureWatcher}
-_ENV = {"aws": "SPOTBATCH_AWS_METADATA_URL", "gcp": "SPOTBATCH_GCP_METADATA_URL", "azure": "SPOTBATCH_AZURE_METADATA_URL"}
+_CLOUDS: dict[str, type[_PollingWatcher]] = {"aws": AwsWatcher, "gcp": GcpWatcher, "azure": AzureWatcher}
+_SETTING = {"aws": "aws_metadata_url", "gcp": "gcp_metadata_url", "azure": "azure_metadata_url"}  # Settings keys
 _DEFAULT_URLS = {"aws": "http://169.254.169.254", "gcp": "http://metadata.google.internal", "azure": "http://169.254.169.254"}
 
 
@@ -455,7 +464,7 @@ def watchers_for(
     if choice == "none":
         return []
     given = {"aws": aws_url, "gcp": gcp_url, "azure": azure_url}
-    urls = {c: given[c] or os.environ.get(_ENV[c]) or _DEFAULT_URLS[c] for c in _CLOUDS}
+    urls = {c: given[c] or env_setting(_SETTING[c]) or _DEFAULT_URLS[c] for c in _CLOUDS}
     clouds = _answering(urls, probe_timeout_s) if choice == "auto" else [c for c in _CLOUDS if c == choice]
     kwargs = {} if interval_s is None else {"interval_s": interval_s}
     return [_CLOUDS[c](urls[c], **kwargs) for c in clouds] + [SignalWatcher()]

@@ -97,7 +97,7 @@ class StartupHealth:
 
 def check_writable(location: str, what: str, fix: str) -> None:
     """Write and delete a probe file (local) or object (s3://) under ``location``."""
-    from spotbatch.storage import join_uri, parse_uri, store_for
+    from spotbatch.storage import S3Store, join_uri, parse_uri, store_for
 
     name = f"{PROBE_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
@@ -106,8 +106,8 @@ def check_writable(location: str, what: str, fix: str) -> None:
             probe = join_uri(location, name)
             store = store_for(probe)
             store.write_atomic(probe, b"")
-            ploc = parse_uri(probe)
-            store._client.delete_object(Bucket=ploc.bucket, Key=ploc.path)  # noqa: SLF001
+            if isinstance(store, S3Store):  # always, for s3:// (a test may swap the store)
+                store.delete(probe)
         else:
             _probe_folder(loc.path, name)
     except Exception as exc:  # noqa: BLE001 - any failure gets the same fix

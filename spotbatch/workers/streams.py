@@ -6,7 +6,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 from kafka import KafkaProducer
 
@@ -69,7 +69,8 @@ class SideStreams:
                 log.warning("could not store the oversized original of offset %d: %s", record.offset, exc)
         return info
 
-    def status(self, topic: str, job_id: str | None, *, status: str, key: bytes | None, **fields: Any):
+    def status(self, topic: str, job_id: str | None, *, status: Literal["ok", "failed"], key: bytes | None,
+               **fields: Any) -> Any:
         body = StatusRecord(job_id=job_id, status=status, worker=self._worker_id, at=time.time(), **fields)
         return self._producer.send(results_topic(topic), key=key, value=body.to_json())
 

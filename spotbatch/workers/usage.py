@@ -91,9 +91,10 @@ class UsageMeter:
             self._busy_s -= busy
             counts, self._counts = self._counts, dict.fromkeys(self._counts, 0)
         # Validated here, once, by the schema every reader uses; emitted as its wire dict.
-        record = UsageRecord(record_id=f"{self._who['worker']}-{self._seq}", **self._who, start=self._start, end=end,
-                             seconds_alive=alive, seconds_busy=busy, **counts, final=final,
-                             at=end).model_dump(by_alias=True)
+        record = UsageRecord.model_validate({
+            "record_id": f"{self._who['worker']}-{self._seq}", **self._who, "start": self._start, "end": end,
+            "seconds_alive": alive, "seconds_busy": busy, **counts, "final": final, "at": end,
+        }).model_dump(by_alias=True)
         self._seq += 1
         self._start = end
         self._emit(record)

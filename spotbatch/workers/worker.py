@@ -10,12 +10,14 @@ written, or its dead letter acknowledged by the broker.
 from __future__ import annotations
 
 import logging
+import operator
 import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from functools import partial
+from typing import Any, Callable, cast
 
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
@@ -33,7 +35,9 @@ from spotbatch.workers.admission import Admission
 from spotbatch.workers.attempts import AttemptLedger
 from spotbatch.workers.batcher import Batcher, PendingJob
 from spotbatch.workers.broker import Broker, KafkaBroker, Rebalance
+from spotbatch.workers.deadline import Deadline
 from spotbatch.workers.inference import BatchResult, InferenceThread
+from spotbatch.workers.inflight import InFlight, State
 from spotbatch.workers.intake import Intake
 from spotbatch.workers.metrics import WorkerMetrics
 from spotbatch.workers.offsets import OffsetTracker
@@ -89,22 +93,25 @@ class Worker:
     """Sequences the loop; each concern lives in its own part (see the module list).
 
     ``broker`` makes the consumer and the producer (kafka-python by default;
-    ``spotbatch.testing.MemoryBroker`` in unit tests).
+    ``spotbatch.testing.MemoryBroker`` in unit tests). ``stage`` (``BatchRunner.stage``)
+    does a batch's host work and upload one batch ahead of ``run_batch``.
     """
 
     def __init__(self, settings: Settings, handler: Any, run_batch: Any, sink: Any, *, burst: bool = False,
-                 checkpoints: CheckpointStore | None = None, broker: Broker | None = None) -> None:
+                 checkpoints: CheckpointStore | None = None, broker: Broker | None = None,
+                 stage: Callable[[Any], Any] | None = None) -> None:
         self.settings = settings
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics()
         self.stats = WorkerStats()
         self._burst = burst
-        self._stop_at: float | None = None  # the shared drain deadline once stopping
+        self._stop_at: Deadline | None = None  # the shared drain deadline once stopping
         self._stop_reason = "stop requested"
         self._owned = Ownership()
         self._tracker = OffsetTracker()
-        self._batcher = Batcher(max_batch_rows=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms)
-        self._pacing = Pacing(max_pending_rows=settings.max_pending_rows, max_batch_rows=settings.max_batch_rows,
+        self._batcher = _batcher_for(settings, handler)
+        self._max_pending_rows = _pending_limit(settings)
+        self._pacing = Pacing(max_pending_rows=self._max_pending_rows, max_batch_rows=settings.max_batch_rows,
                               max_open_inputs=_MAX_OPEN_INPUTS)
         self.interval = CheckpointInterval(settings.checkpoint_interval, batch_rows=settings.max_batch_rows,
                                            mtbi_s=settings.mtbi_s)
@@ -116,21 +123,20 @@ class Worker:
                              read_timeout_s=settings.input_read_timeout_s)
         self._intake = Intake(handler, sink, planner, aliases=(settings.model,),
                               inputs=InputPolicy(settings.input_prefixes), limits=limits)
-        self._live: set[PendingJob] = set()  # accepted units not yet durable or failed
+        self._inflight = InFlight()  # accepted units not yet durable or failed, by state
         self._skip_models = set(settings.skip_models) - {settings.model, handler.name}
         ledger_root = join_uri(settings.checkpoint_location(), "_attempts")
         self._ledger = AttemptLedger(store_for(ledger_root), ledger_root, self.worker_id, settings.max_attempts)
         self._sink = sink
         # Stage as many closed batches as the backlog allows: a fast model (GPU) must not
         # wait for the owner's next turn between batches.
-        staged = max(2, settings.max_pending_rows // settings.max_batch_rows)
-        self._inference = InferenceThread(model_retry(run_batch), max_in_flight=staged)
+        staged = max(2, self._max_pending_rows // settings.max_batch_rows)
+        self._inference = InferenceThread(model_retry(run_batch), max_in_flight=staged, stage=stage)
         # Reads, output lookups (one per job: a HEAD on S3) and writes; lookups are short.
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="io")
         self._admission = Admission(self._ledger, self._io, max_batch_rows=settings.max_batch_rows)
         self._loads: list[_Load] = []
         self._feeds: list[_Feed] = []  # URI jobs with parts still to read, oldest first
-        self._writes: list[tuple[PendingJob, float, Future]] = []
         self._idle_since: float | None = None
         broker = broker or KafkaBroker()
         self._consumer = broker.consumer(settings, self.worker_id)
@@ -151,10 +157,10 @@ class Worker:
         of it and ``drain_s``.
         """
         budget = self.settings.drain_s if within_s is None else max(0.0, min(self.settings.drain_s, within_s))
-        deadline = time.monotonic() + (0.0 if now else budget)
+        deadline = Deadline.within(0.0 if now else budget)
         if self._stop_at is None:  # the first reason is the cause (a notice, then the node's SIGTERM)
             self._stop_reason = reason
-        self._stop_at = deadline if self._stop_at is None else min(self._stop_at, deadline)
+        self._stop_at = deadline.sooner(self._stop_at)
 
     def start(self) -> None:
         """Join the group (run() does it; unit tests call it, then step turn())."""
@@ -198,26 +204,27 @@ class Worker:
            record on the usage topic.
         6. Flush the side streams and close the consumer, which leaves the group.
         """
-        started, deadline = time.monotonic(), self._stop_at
+        started, deadline = time.monotonic(), self._stop_at or Deadline.within(0.0)
         self._consumer.pause(*self._consumer.assignment())
         # Queued parts of URI jobs are checkpointed and resumable: leave them at once.
-        # They stay in _live, so the interruption record counts their inferred rows.
+        # Parked, they still count toward the rows the interruption record says it lost.
+        self._inflight.park(lambda unit: unit.parent is not None)
         self._batcher.drop(lambda unit: unit.parent is None)
         releases = [self._io.submit(parent.release) for parent in self._unfinished_parted_jobs()]
         releases += [self._io.submit(self._ledger.release, tp.topic, tp.partition) for tp in self._owned.partitions]
         self._drop_feeds(lambda feed: True)
         self._forget(self._admission.drop(lambda unit: False))  # suspects wait for the next owner
-        while self._busy() and time.monotonic() < deadline - _FINAL_RESERVE_S:
+        while self._busy() and not deadline.passed(_FINAL_RESERVE_S):
             self.turn(draining=True)
         if self._busy():
             log.warning("drain deadline reached: abandoning %d uncommitted jobs", self._tracker.outstanding())
-        _wait_quietly(releases, deadline - time.monotonic() - _FINAL_RESERVE_S / 2)
+        _wait_quietly(releases, deadline.left(_FINAL_RESERVE_S / 2))
         self._commit()
         if self._stop_reason != _BURST_DONE:
             self._report_interruption(time.monotonic() - started)
         self._usage.close()  # the final usage record, flushed with the rest below
         try:  # statuses and usage records are best effort; the drain must still end
-            self._streams.flush(timeout_s=max(0.5, deadline - time.monotonic()))
+            self._streams.flush(timeout_s=max(0.5, deadline.left()))
         except KafkaError as exc:
             log.warning("side streams not fully flushed before leaving: %s", exc)
         self._consumer.close()
@@ -291,7 +298,7 @@ class Worker:
 
     def _poll_ms(self) -> int:
         in_flight = self._inference.in_flight
-        busy = bool(in_flight or self._loads or self._writes or len(self._admission)
+        busy = bool(in_flight or self._loads or self._inflight.writes_pending or len(self._admission)
                     or any(f.read for f in self._feeds))
         return self._pacing.poll_ms(hungry=bool(in_flight and self._inference.hungry and len(self._batcher)),
                                     busy=busy, due_s=self._batcher.seconds_until_due())
@@ -355,27 +362,28 @@ class Worker:
             if feed.read is not None or feed.feed.parent.failed or not feed.feed.parts_left:
                 continue
             backlog, rows = self._backlog_rows(), feed.feed.next_rows
-            if backlog and backlog + rows > self.settings.max_pending_rows:
+            if backlog and backlog + rows > self._max_pending_rows:
                 return
             feed.rows, feed.read = rows, self._io.submit(feed.feed.read_next)
 
     def _collect_parts(self) -> None:
         for feed in [f for f in self._feeds if f.read is not None and f.read.done()]:
+            done = partial(operator.is_, feed)  # bound now: this feed, not the loop's last
             read, feed.read, feed.rows = feed.read, None, 0
             parent = feed.feed.parent
             try:
-                unit = read.result()
+                unit = cast(Future, read).result()  # the comprehension kept only started reads
             except Exception as exc:  # noqa: BLE001 - infrastructure faults re-raise below
-                self._drop_feeds(lambda f: f is feed)
+                self._drop_feeds(done)
                 if self._owned.epoch_of(feed.tp) == feed.feed.epoch and not parent.failed:
                     self._fail_parted(parent)
                     self._outcomes.dead_letter(parent.record, feed.feed.epoch, job_error_from(exc, default="input_invalid"),
                                       parent.job.job_id)
                 continue
             if not feed.feed.parts_left or parent.failed:
-                self._drop_feeds(lambda f: f is feed)
+                self._drop_feeds(done)
             if self._owned.is_current(unit) and not _failed(unit):
-                self._live.add(unit)
+                self._inflight.enter(unit, State.QUEUED)
                 self._batcher.add(unit)
 
     def _fail_parted(self, parent) -> None:
@@ -416,16 +424,17 @@ class Worker:
             except JobError as err:
                 self._outcomes.dead_letter(record, epoch, err, job.job_id)
                 continue
-            self._live.add(unit)
+            self._inflight.enter(unit)
 
     def _collect_recorded(self) -> None:
         """Inline units whose attempt is recorded go to the batcher."""
         self._admission.record(committed=self._tracker.position)
         for unit in self._admission.recorded():
             if self._owned.is_current(unit) and not _failed(unit):
+                self._inflight.move(unit, State.QUEUED)
                 self._batcher.add(unit)
             else:
-                self._live.discard(unit)
+                self._inflight.leave(unit)
 
     def _start_feed(self, feed: PartFeed) -> None:
         parted = feed.parent
@@ -445,16 +454,22 @@ class Worker:
         if self._admission.isolating:  # a suspect: alone on the model (see attempts.py)
             while self._inference.can_take():
                 batch = self._admission.next_suspect_batch(model_idle=not self._inference.in_flight,
-                                                           done=lambda unit: unit not in self._live)
+                                                           done=lambda unit: unit not in self._inflight)
                 if batch is None:
                     return
-                self._inference.submit(batch)
+                self._submit(batch)
             return
         while self._inference.can_take() and self._may_risk_another_batch():
             batch = self._batcher.next_batch(force=force)
             if batch is None:
                 return
-            self._inference.submit(batch)
+            self._submit(batch)
+
+    def _submit(self, batch) -> None:
+        for seg in batch.segments:
+            if seg.job in self._inflight:  # a stale unit's rows still run; its results are dropped
+                self._inflight.move(seg.job, State.INFERRING)
+        self._inference.submit(batch)
 
     def _may_risk_another_batch(self) -> bool:
         """Keep what a SIGKILL can cost within one checkpoint interval (DESIGN invariant 3).
@@ -463,9 +478,9 @@ class Worker:
         process. Holding back a batch only helps while a write or an inference is on its
         way; with neither, a unit larger than the interval must go on to finish at all.
         """
-        if not (self._writes or self._inference.in_flight):
+        if not (self._inflight.writes_pending or self._inference.in_flight):
             return True
-        at_risk = self._inference.rows_in_flight + sum(unit.rows_inferred for unit in self._live)
+        at_risk = self._inference.rows_in_flight + self._inflight.rows_at_risk
         limit = max(self.interval.rows(self._rows_per_s), self.settings.max_batch_rows)
         return at_risk + self.settings.max_batch_rows <= limit
 
@@ -476,23 +491,24 @@ class Worker:
             for seg, outputs in result.parts:
                 job = seg.job
                 if not self._owned.is_current(job) or _failed(job):
-                    self._live.discard(job)
+                    self._inflight.leave(job)
                     continue
                 job.add_part(seg.start, outputs)
                 if job.complete and job.parent is None:
                     inline.append(job)
                 elif job.complete:
-                    self._writes.append((job, time.monotonic(), self._io.submit(self._write_part, job)))
+                    self._inflight.writing(job, self._io.submit(self._write_part, job))
             for job, err in result.failures:
                 if self._owned.is_current(job) and not _failed(job):
                     job.failed = True
                     if job.parent is not None:
                         self._fail_parted(job.parent)
                     self._outcomes.dead_letter(job.record, job.epoch, err, job.job.job_id)
-                self._live.discard(job)
+                self._inflight.leave(job)
         if inline:
             written = self._io.submit(self._write_inline, inline)
-            self._writes += [(job, time.monotonic(), written) for job in inline]
+            for job in inline:
+                self._inflight.writing(job, written)
 
     def _write_inline(self, jobs: list[PendingJob]) -> bool:
         """Make inline jobs durable together (I/O thread). Their outputs are their
@@ -519,8 +535,7 @@ class Worker:
         return uri
 
     def _collect_writes(self) -> None:
-        for job, _, fut in _take_done(self._writes, lambda item: item[2]):
-            self._live.discard(job)
+        for job, fut in self._inflight.written():
             complete = fut.result()  # an infrastructure fault raises and stops the worker
             if not complete:  # a part of a URI job: checkpointed, the job goes on
                 self.metrics.parts.inc()
@@ -547,27 +562,27 @@ class Worker:
         self._usage.add_busy(result.seconds, rows=result.batch.rows)
 
     def _unfinished_parted_jobs(self, in_partitions: set[TopicPartition] | None = None) -> list:
-        units = [(u.parent, u.tp) for u in self._live if u.parent is not None]
+        units = [(u.parent, u.tp) for u in self._inflight if u.parent is not None]
         units += [(feed.feed.parent, feed.tp) for feed in self._feeds]
         parents = {id(p): p for p, tp in units if not p.failed and (in_partitions is None or tp in in_partitions)}
         return [p for p in parents.values() if not p.progress.complete]
 
     def _forget(self, units: list[PendingJob]) -> None:
-        self._live.difference_update(units)
+        self._inflight.leave_all(units)
 
     def _report_interruption(self, drain_s: float) -> None:
         """One usage record per stop: what the interruption cost, for the cost report."""
-        lost = sum(unit.rows_inferred for unit in self._live)
+        lost = self._inflight.rows_at_risk
         self.metrics.rows_lost.inc(lost)
         self._usage.add_stop(reason=self._stop_reason, rows_recomputed=lost)
         self._streams.usage(self.settings.usage_topic, kind="interruption", reason=self._stop_reason,
-                            drain_s=round(drain_s, 3), rows_lost=lost, units_abandoned=len(self._live),
+                            drain_s=round(drain_s, 3), rows_lost=lost, units_abandoned=len(self._inflight),
                             rows=self.stats.rows, jobs_ok=self.stats.jobs_ok, jobs_failed=self.stats.jobs_failed)
         log.info("interruption (%s): drained in %.1fs, %d inferred rows lost", self._stop_reason, drain_s, lost)
 
     def _busy(self) -> bool:
-        return bool(len(self._batcher) or self._inference.in_flight or self._loads or self._feeds or self._writes
-                    or self._outcomes.waiting or len(self._admission))
+        return bool(len(self._batcher) or self._inference.in_flight or self._loads or self._feeds
+                    or self._inflight.writes_pending or self._outcomes.waiting or len(self._admission))
 
     def _position(self, tp: TopicPartition) -> int:
         """Our committable position; without records since assignment, the fetch position."""
@@ -586,6 +601,24 @@ class Worker:
             return False
         self._idle_since = self._idle_since or now
         return now - self._idle_since >= seconds
+
+
+def _batcher_for(settings: Settings, handler: Any) -> Batcher:
+    """Token-aware batching where the model has a prepare stage and a token budget is set.
+
+    The sorting window must fit in the backlog the pacing allows (half of it: the rest
+    is in flight), or it would only ever close on max_wait."""
+    prepare = getattr(handler, "prepare", None) if settings.max_batch_tokens else None
+    window = max(settings.max_batch_rows, min(16 * settings.max_batch_rows, _pending_limit(settings) // 2))
+    return Batcher(max_batch_rows=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms,
+                   max_batch_tokens=settings.max_batch_tokens, prepare=prepare, window_rows=window)
+
+
+def _pending_limit(settings: Settings) -> int:
+    if settings.max_pending_rows is None:  # Settings derives it from max_batch_rows when unset
+        raise ValueError("max_pending_rows was not derived: build Settings with load_settings()")
+    return settings.max_pending_rows
+
 
 def _take_done(items: list, future_of, done=lambda f: f.done()) -> list:
     """Remove and return the items whose future has finished, keeping order."""

@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from spotbatch.kafka_admin import committed_offsets
+from spotbatch.logevents import parse_events
 from tests.integration.helpers import (
     REPO_ROOT,
     SESSION_TIMEOUT_MS,
@@ -54,7 +55,7 @@ def _finish(proc: subprocess.Popen, logs, timeout_s: float) -> tuple[str, str]:
         except subprocess.TimeoutExpired:
             proc.kill()
             stdout, stderr = proc.communicate()
-        for pid in {int(p) for found in re.findall(r"pids=([\d,]+)", stderr) for p in found.split(",")}:
+        for pid in {pid for e in parse_events(stderr) for pid in e.get("pids", [])}:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -93,9 +94,11 @@ def test_scales_out_on_backlog_then_in_and_to_zero_after_the_cooldown(kafka_boot
     for e in events:
         if e["event"] in ("scale_in", "scale_to_zero"):
             assert e["unconsumed"] == 0 or e["replicas_to"] > 0, e
-    # the scale events were logged as they happened, one structured line each
+    # the scale events were logged as they happened, one JSON line each
+    logged = parse_events(stderr)
     for kind in ("scale_out", "scale_to_zero"):
-        assert re.search(rf"event={kind} from=\d+ to=\d+ lag=\d+ unconsumed=\d+", stderr), where
+        assert any(e["event"] == kind and all(isinstance(e[k], int) for k in ("from", "to", "lag", "unconsumed"))
+                   for e in logged), where
 
     # every job done once: one output each, an ok status each, offsets committed to the end
     assert list_outputs(out) == {f"{j.job_id}.parquet" for j in jobs}, where

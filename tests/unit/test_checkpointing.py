@@ -236,7 +236,7 @@ def _threads_race(make, rounds: int = ROUNDS, workers: int = 4) -> None:
         wins: list[str] = []
         barrier = threading.Barrier(workers)
 
-        def attempt(i: int) -> None:
+        def attempt(i: int, barrier=barrier, expected=expected, wins=wins) -> None:
             barrier.wait()
             try:
                 stores[i].save(Progress.new(JOB, parts_total=1, owner=f"w{i}"), expected_generation=expected)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 
 import pytest
 
-from spotbatch.config import ConfigError, Settings, load_settings
+import spotbatch
+from spotbatch.config import ConfigError, Environment, Settings, env_setting, load_settings
 
 
 pytestmark = pytest.mark.usefixtures("clean_env")  # tests/conftest.py
@@ -184,3 +187,110 @@ def test_pending_rows_below_one_batch_are_refused():
         load_settings(max_batch_rows=1024, max_pending_rows=512)
     assert str(info.value).startswith("max_pending_rows (512) is below max_batch_rows (1024)")
     assert "\n" not in str(info.value)
+
+
+def test_environment_reads_the_s3_endpoint_s3_name_first_and_empty_as_unset(monkeypatch):
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "KUBERNETES_SERVICE_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    assert (Environment().aws_endpoint_url, Environment().kubernetes_service_host) == (None, None)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://any:1")
+    assert Environment().aws_endpoint_url == "http://any:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "")  # empty falls through, as `a or b` did
+    assert Environment().aws_endpoint_url == "http://any:1"
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", "http://s3:2")
+    assert Environment().aws_endpoint_url == "http://s3:2"
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    assert Environment().kubernetes_service_host == "10.0.0.1"
+
+
+def test_call_sites_read_the_environment_when_called(monkeypatch):
+    from spotbatch.scheduler.apply import _in_cluster
+    from spotbatch.storage import _env_endpoint
+
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
+    monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
+    assert (_in_cluster(), _env_endpoint()) == (False, None)
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.0.0.1")
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://moto:5000")
+    assert (_in_cluster(), _env_endpoint()) == (True, "http://moto:5000")
+
+
+def test_env_setting_reads_one_variable_none_when_unset(monkeypatch):
+    assert env_setting("kafka_bootstrap") is None  # unset: not Settings' default
+    monkeypatch.setenv("SPOTBATCH_KAFKA_BOOTSTRAP", "k:9092")
+    monkeypatch.setenv("SPOTBATCH_MAX_BATCH_ROWS", "not a number")  # another variable's error is not ours
+    assert env_setting("kafka_bootstrap") == "k:9092"
+    monkeypatch.setenv("SPOTBATCH_SESSION_TIMEOUT_MS", "5")
+    with pytest.raises(ConfigError, match="session_timeout_ms.*SPOTBATCH_SESSION_TIMEOUT_MS"):
+        env_setting("session_timeout_ms")  # the field's bounds still hold
+
+
+def test_metadata_urls_are_settings(monkeypatch):
+    monkeypatch.setenv("SPOTBATCH_AWS_METADATA_URL", "http://fake:1")
+    s = load_settings()
+    assert (s.aws_metadata_url, s.gcp_metadata_url, s.azure_metadata_url) == ("http://fake:1", None, None)
+
+
+# Reads, not copies: `{**os.environ, ...}` hands the environment on to a child process.
+_ENV_READ = re.compile(r"os\.environ\.get\(|os\.getenv\(|os\.environ\[|\bin os\.environ\b|"
+                       r"from os import [^\n]*\b(environ|getenv)\b")
+
+
+def test_only_config_reads_the_environment():
+    """Every variable goes through a class in spotbatch.config (Settings, Environment), so
+    the names, types and defaults live in one place. spotbatch.testing (fakes) is exempt."""
+    root = Path(spotbatch.__file__).parent
+    offenders = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        if rel == "config.py" or rel.startswith("testing/"):
+            continue
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if _ENV_READ.search(line):
+                offenders.append(f"spotbatch/{rel}:{n}: {line.strip()}")
+    assert not offenders, ("read these through a field of spotbatch.config.Settings (SPOTBATCH_*) or "
+                           "Environment (others' variables):\n" + "\n".join(offenders))
+
+
+def test_checkpoint_interval_is_typed_at_load_and_a_bad_one_names_its_key(clean_env):
+    from spotbatch.interval_spec import IntervalSpec
+
+    assert load_settings(checkpoint_interval="500rows").checkpoint_interval == IntervalSpec("rows", 500)
+    assert load_settings(checkpoint_interval="90s").checkpoint_interval == IntervalSpec("seconds", 90.0)
+    assert str(load_settings().checkpoint_interval) == "auto"
+    assert load_settings(checkpoint_interval="90s").model_dump()["checkpoint_interval"] == "90s"  # round-trips
+    with pytest.raises(ConfigError, match=r"checkpoint_interval.*bad checkpoint interval '12 parsecs'.*SPOTBATCH_CHECKPOINT_INTERVAL"):
+        load_settings(checkpoint_interval="12 parsecs")
+
+
+def test_yaml_takes_sections_as_well_as_flat_keys(tmp_path, clean_env):
+    path = tmp_path / "spotbatch.yaml"
+    path.write_text("kafka:\n  topic: jobs.eu\nbatching:\n  max_batch_rows: 1024\noutput: /data/out\n")
+    settings = load_settings(path)
+    assert (settings.topic, settings.max_batch_rows, settings.output) == ("jobs.eu", 1024, "/data/out")
+    assert settings.max_pending_rows == 8 * 1024  # derived in the batching section from its own fields
+
+
+@pytest.mark.parametrize("text, message", [
+    ("kafka:\n  max_batch_rows: 3\n", r"kafka\.max_batch_rows is not a setting of section 'kafka'; it holds kafka_bootstrap"),
+    ("topic: a\nkafka:\n  topic: b\n", r"topic is set twice, at the top and in section 'kafka'"),
+    ("- topic\n", r"its top level is a list, not a mapping"),
+])
+def test_a_misplaced_section_key_is_one_line_naming_it(tmp_path, clean_env, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message) as info:
+        load_settings(path)
+    assert "\n" not in str(info.value)
+
+
+def test_every_setting_lives_in_exactly_one_section():
+    from spotbatch.config import SECTIONS
+
+    owners: dict[str, list[str]] = {}
+    for name, section in SECTIONS.items():
+        for key in section.model_fields:
+            owners.setdefault(key, []).append(name)
+    assert set(owners) == set(Settings.model_fields)
+    assert {k: v for k, v in owners.items() if len(v) > 1} == {}

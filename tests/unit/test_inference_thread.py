@@ -61,7 +61,8 @@ def threads():
 def collect(thread: InferenceThread, n: int, timeout_s: float = 10.0) -> list[BatchResult]:
     out, deadline = [], time.monotonic() + timeout_s
     while len(out) < n and time.monotonic() < deadline:
-        out.extend(thread.wait(0.1))
+        out.extend(thread.results())
+        time.sleep(0.01)
     assert len(out) == n, f"expected {n} results, got {len(out)}"
     return out
 
@@ -159,7 +160,8 @@ def test_results_drains_without_blocking(threads):
         time.sleep(0.01)
     assert len(got) == 1
     assert t.in_flight == 0
-    assert t.wait(0.05) == []
+    time.sleep(0.05)
+    assert t.results() == []
     assert t.in_flight == 0
 
 

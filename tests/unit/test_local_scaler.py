@@ -11,6 +11,7 @@ import sys
 import pytest
 from kafka.errors import KafkaConnectionError
 
+from spotbatch.logevents import parse_events
 from spotbatch.scaler.backlog import Backlog
 from spotbatch.scaler.decide import Observation, ScalePolicy, ScaleState, decide
 from spotbatch.scaler.local import LocalAutoscaler
@@ -254,7 +255,7 @@ def test_loop_scales_out_in_and_to_zero_and_records_events():
     scaler, launcher, clock, events = _scaler(Script(backlog(100), backlog(100), backlog(15), backlog(0)))
     for _ in range(12):
         scaler.step()
-        for index, proc in launcher.procs.items():  # workers drain promptly after the stop signal
+        for proc in launcher.procs.values():  # workers drain promptly after the stop signal
             if proc.signals and proc.returncode is None:
                 proc.exit(0)
         clock.now += 0.5
@@ -270,7 +271,8 @@ def test_loop_scales_out_in_and_to_zero_and_records_events():
             assert e.unconsumed == 0 or e.replicas_to > 0
     zero = next(e for e in events if e.event == "scale_to_zero")
     assert zero.unconsumed == 0 and zero.unconsumed_by_partition == {0: 0, 1: 0, 2: 0, 3: 0}
-    assert "event=scale_to_zero" in zero.line() and "from=1" in zero.line() and "to=0" in zero.line()
+    (logged,) = parse_events(zero.line())
+    assert (logged["event"], logged["from"], logged["to"]) == ("scale_to_zero", 1, 0)
     report = scaler.report()
     assert report.max_replicas == 4 and report.workers_started == 4
     assert [e["event"] for e in report.scale_events].count("exited") == 4

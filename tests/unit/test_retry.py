@@ -12,7 +12,7 @@ import pytest
 import tenacity
 import torch
 
-from spotbatch import retry, storage
+from spotbatch import retry
 from spotbatch.errors import JobError
 from spotbatch.retry import TransientModelError, kafka_retry, model_retry
 from spotbatch.retry import S3_RETRY as storage_retry
