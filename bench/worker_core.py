@@ -63,7 +63,9 @@ import pipeline  # noqa: E402  (bench/pipeline.py)
 from pipeline import Phase, RawLoop, combine_raw, corpus, run_phase  # noqa: E402
 from token_batching import measure_corpus, paragraphs  # noqa: E402  (bench/token_batching.py)
 
-WORKER_BATCH_ROWS = 64  # the worker's default --max-batch-rows (spotbatch.config.Settings)
+from spotbatch.config import Settings  # noqa: E402
+
+WORKER_BATCH_ROWS = Settings.model_fields["max_batch_rows"].default  # the worker's default --max-batch-rows
 
 # (key, what, threshold): value >= threshold is "met"
 TARGETS = [

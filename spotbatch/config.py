@@ -114,19 +114,20 @@ class BatchingSection(BaseModel):
     device: str = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     torch_threads: int | None = Field(None, ge=1)
-    max_batch_rows: int = Field(64, ge=1)
+    max_batch_rows: int = Field(256, ge=1)
     max_wait_ms: int = Field(50, ge=0)
     # Text models with a prepare stage (minilm, st:): a batch's padded tokens (longest row x
     # rows) stay within this, rows sorted by length; null: rows only. Others batch by rows.
     max_batch_tokens: int | None = Field(16384, ge=1)
     # Rows accepted but not yet inferred; above this the worker pauses its partitions.
-    # Unset: PENDING_BATCHES batches (at least 4096 rows), so a batch can always fill.
+    # Unset: PENDING_BATCHES batches (at least 16384 rows: a fast model eats 4096 in tens of
+    # milliseconds, less than one owner turn), so a batch can always fill.
     max_pending_rows: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _derive_pending(self) -> Self:
         if self.max_pending_rows is None:
-            self.max_pending_rows = max(PENDING_BATCHES * self.max_batch_rows, 4096)
+            self.max_pending_rows = max(PENDING_BATCHES * self.max_batch_rows, 16384)
         elif self.max_pending_rows < self.max_batch_rows:
             # Below one batch, a batch never fills: every one closes on max_wait_ms.
             raise ValueError(f"max_pending_rows ({self.max_pending_rows}) is below max_batch_rows "

@@ -63,6 +63,7 @@ class DemoOptions:
     interruptions: int = 0  # spot notices sent to random workers during the run
     seed: int = 7
     force: bool = False  # empty ``output`` even if it holds something a demo did not write
+    rollout: bool = False  # then two model rollouts on the same broker (spotbatch.demo_rollout)
 
 
 @dataclass
@@ -83,6 +84,7 @@ class DemoSummary:
     max_replicas: int = 0
     scale_events: list[dict] = field(default_factory=list)  # {t_s, event, from, to, lag, unconsumed}
     cost: dict | None = None  # the cost report of this run (spotbatch.scheduler.report.report_json)
+    rollout: dict | None = None  # with --rollout: each rollout's outcome, repairs, outputs by version
 
 
 def sample_corpus(n: int, seed: int = 7) -> Iterator[dict]:
@@ -168,6 +170,13 @@ def run_demo(opts: DemoOptions, on_progress: OnProgress | None = None, log=print
         dlq = len(read_all(broker.bootstrap, dlq_topic(topic), timeout_s=30))
         drains = interruptions(r.value for r in read_all(broker.bootstrap, usage, timeout_s=30))
         cost = _cost_report(broker.bootstrap, usage, log)
+        rollout = None
+        if opts.rollout:
+            from spotbatch.demo_rollout import run_rollout_demo
+
+            texts = [row["text"] for row in sample_corpus(2000, seed=opts.seed + 4)]
+            rollout = run_rollout_demo(broker.bootstrap, output, texts, model=opts.model,
+                                       torch_threads=opts.torch_threads, timeout_s=opts.timeout_s * 2, log=log)
     spot = [d for d in drains if d.cause is StopCause.AWS]  # the demo's notices come from fake AWS endpoints
     return DemoSummary(jobs=jobs, rows=done_rows, failed=failed, dlq=dlq, seconds=round(seconds, 2),
                        rows_per_s=round(done_rows / seconds, 1) if seconds else 0.0, output=str(output),
@@ -175,7 +184,7 @@ def run_demo(opts: DemoOptions, on_progress: OnProgress | None = None, log=print
                        notices_sent=fleet.notices_sent,
                        rows_recomputed=sum(d.rows_lost for d in spot),
                        max_drain_s=max((d.drain_s for d in spot), default=0.0), cost=cost,
-                       max_replicas=fleet.scaler.max_replicas, scale_events=fleet.scale_events())
+                       max_replicas=fleet.scaler.max_replicas, scale_events=fleet.scale_events(), rollout=rollout)
 
 
 def _cost_report(bootstrap: str, usage: str, log) -> dict | None:

@@ -22,6 +22,7 @@ ERROR_CODES = {
     "invalid_job": "a field of the job is missing or invalid",
     "unknown_model": "no model handler is registered under that name",
     "model_not_served": "a known model this worker does not serve (redrive it to the fleet that does)",
+    "model_version_refused": "the registry version the job routes to failed its digest check or to load (redrivable)",
     "input_missing": "the input file could not be read",
     "input_invalid": "the input file lacks a needed column or is not Parquet/JSONL",
     "input_unreadable": "the input is not a regular file, or the store refused to read it",

@@ -29,6 +29,8 @@ def demo(
     interruptions: int = typer.Option(0, min=0, help="Spot notices to send to random workers during the run."),
     seed: int = typer.Option(7, help="Seed for which worker gets each notice."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON object."),
+    rollout: bool = typer.Option(False, "--rollout", help="Then roll out two versions of the model over a stream of "
+                                 "jobs: a lossy int8 one (rolled back, its jobs repaired) and a good one (promoted)."),
 ) -> None:
     """Run the whole loop on this machine: broker, workers, jobs, Parquet outputs."""
     from spotbatch.demo import DemoOptions, OutputNotEmpty, prepare_output, run_demo, summary_json
@@ -38,7 +40,7 @@ def demo(
     opts = DemoOptions(bootstrap=bootstrap, model=model, rows=rows, rows_per_job=rows_per_job, workers=workers,
                        min_workers=min_workers, lag_threshold=lag_threshold, cooldown_s=cooldown_s,
                        partitions=partitions, output=output, timeout_s=timeout_s, interruptions=interruptions,
-                       seed=seed, force=force)
+                       seed=seed, force=force, rollout=rollout)
     try:
         prepare_output(output, force=force)  # refuse before anything starts
     except OutputNotEmpty as exc:
@@ -70,7 +72,15 @@ def demo(
         print(summary_json(summary))
     else:
         _print_summary(summary)
-    raise typer.Exit(0 if summary.failed == 0 else 1)
+    raise typer.Exit(0 if summary.failed == 0 and _rollouts_as_expected(summary.rollout) else 1)
+
+
+def _rollouts_as_expected(rollout: dict | None) -> bool:
+    """--rollout: the lossy version rolled back, the good one promoted."""
+    if rollout is None:
+        return True
+    bad, good = rollout["rollouts"]
+    return bad["state"] == "rolled_back" and good["state"] == "promoted"
 
 
 class _ReplicaHistory:
@@ -101,6 +111,9 @@ def _print_summary(summary) -> None:
     for key, value in vars(summary).items():
         if key == "scale_events":  # the list is in --json; here, one line per event is too much
             value = ", ".join(f"{e['event']} {e['from']}->{e['to']} @{e['t_s']:.0f}s" for e in value) or "none"
+        if key == "rollout" and value is not None:
+            value = "; ".join(f"v{r['to']} {r['state']}" + (f" ({r['repaired']['jobs']} jobs repaired)" if "repaired" in r
+                                                            else "") for r in value["rollouts"])
         if key != "cost":
             table.add_row(key, str(value))
     out.print(table)

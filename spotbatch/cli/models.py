@@ -40,7 +40,7 @@ def register_version(
     name: str = typer.Argument(..., help="Model name, e.g. embedder."),
     version: int = typer.Option(..., "--version", help="The new version's number (immutable once registered)."),
     ref: str = typer.Option(..., "--ref", help="What to load: tiny, minilm, st:PATH, torchscript:PATH, export:PATH."),
-    precision: str = typer.Option("fp32", "--precision", help="fp32 or int8 (dynamically quantised Linear layers)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32; int8 (dynamically quantised Linear layers), int8-token (per-token activation scales) or bf16: built by the worker at load."),
     notes: str = typer.Option("", "--notes", help="Free text kept with the version."),
     as_json: bool = JsonOpt, bootstrap: Optional[str] = BootstrapOpt, topic: Optional[str] = TopicOpt,
     config: Optional[Path] = ConfigOpt,

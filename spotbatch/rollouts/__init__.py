@@ -3,7 +3,9 @@
 The registry (``registry``) stores immutable numbered versions and moving aliases in
 the models topic (default ``spotbatch.models``, ``cleanup.policy=compact``); each record
 is keyed so compaction keeps the latest state of every version and alias. ``digest``
-hashes the files a ref loads; ``routing`` maps a job id to a stable slice.
+hashes the files a ref loads; ``routing`` maps a job id to a stable slice. ``controller``
+drives a rollout through its steps while ``gates`` hold (stats from ``observe``), and
+``repair`` re-publishes the jobs a bad version wrote; ``service`` ticks them all.
 """
 
 from spotbatch.rollouts.digest import digest_of_ref

@@ -2,7 +2,12 @@
 
 Keys (compaction keeps the latest value of each): ``version/<name>/<n>`` -> a
 :class:`ModelVersion`; ``alias/<name>/<alias>`` -> ``{"version": n}`` (a tombstone
-removes the alias). Values are JSON objects.
+removes the alias); ``rollout/<name>`` -> a :class:`Rollout`, the one rollout of a name
+(its controller rewrites it at every step; workers route by it). Values are JSON objects.
+
+Workers also write one :class:`ShadowRecord` per shadowed job to ``<jobs topic>.shadow``,
+and their status records name the version that wrote each output (``model``,
+``model_version``, ``model_digest``, ``route``): the controller's gates read both.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["ModelVersion", "RegistryState", "PRECISIONS", "parse_model_ref", "check_name", "version_key", "alias_key"]
+__all__ = ["ModelVersion", "RegistryState", "Rollout", "ShadowRecord", "PRECISIONS", "ROLLOUT_STATES", "parse_model_ref",
+           "check_name", "version_key", "alias_key", "rollout_key", "shadow_topic"]
 
-PRECISIONS = ("fp32", "int8")
+PRECISIONS = ("fp32", "int8", "int8-token", "bf16")  # fp32, or a scheme of spotbatch.models.quantize
 _NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]{0,63}$")
 
 
@@ -38,6 +44,77 @@ class ModelVersion:
         return asdict(self)
 
 
+# running: the challenger takes ``fraction`` of the jobs (and shadows ``shadow`` of the
+# champion's); the others are final: workers route every job to the champion.
+ROLLOUT_STATES = ("running", "promoted", "rolled_back", "aborted")
+
+
+@dataclass(frozen=True)
+class Rollout:
+    name: str
+    champion: int
+    challenger: int
+    steps: tuple[float, ...]  # fractions of jobs, ascending, the last 1.0
+    step: int = 0  # index into steps
+    state: str = "running"
+    shadow: float = 0.0  # fraction of the champion's jobs the challenger also runs, unwritten
+    reason: str = ""
+    started_at: float = 0.0
+    updated_at: float = 0.0
+    step_started_at: float = 0.0  # jobs finished before this belong to an earlier step
+    settings: dict[str, Any] = field(default_factory=dict)  # bake and gate thresholds, as started
+    gates: list[dict[str, Any]] = field(default_factory=list)  # the last evaluation, for `rollout status`
+
+    @property
+    def fraction(self) -> float:
+        """The share of jobs the challenger takes now: 0 unless running."""
+        return self.steps[self.step] if self.state == "running" else 0.0
+
+    @property
+    def shadow_fraction(self) -> float:
+        return self.shadow if self.state == "running" else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self) | {"steps": list(self.steps)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Rollout":
+        return cls(**(data | {"steps": tuple(float(f) for f in data["steps"])}))
+
+
+@dataclass(frozen=True)
+class ShadowRecord:
+    """How far the challenger agreed with the champion on one champion job's rows."""
+
+    job_id: str
+    model: str
+    champion: int
+    challenger: int
+    rows: int
+    mean: float  # per-row agreement (cosine for embeddings, 1 - relative difference otherwise)
+    low: float  # its 5th percentile
+    min: float
+    worker: str = ""
+    at: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self) | {"v": 1}).encode()
+
+    @classmethod
+    def from_json(cls, value: bytes) -> "ShadowRecord":
+        data = json.loads(value)
+        data.pop("v", None)
+        return cls(**data)
+
+
+def shadow_topic(topic: str) -> str:
+    return f"{topic}.shadow"
+
+
+def rollout_key(name: str) -> str:
+    return f"rollout/{name}"
+
+
 def version_key(name: str, version: int) -> str:
     return f"version/{name}/{version}"
 
@@ -52,6 +129,7 @@ class RegistryState:
 
     versions: dict[str, dict[int, ModelVersion]] = field(default_factory=dict)
     aliases: dict[str, dict[str, int]] = field(default_factory=dict)
+    rollouts: dict[str, Rollout] = field(default_factory=dict)
 
     def apply(self, key: str, value: bytes | None) -> None:
         kind, _, rest = key.partition("/")
@@ -59,6 +137,11 @@ class RegistryState:
         if kind == "version" and value is not None:
             data = json.loads(value)
             self.versions.setdefault(name, {})[int(tail)] = ModelVersion(**data)
+        elif kind == "rollout":
+            if value is None:
+                self.rollouts.pop(name, None)
+            else:
+                self.rollouts[name] = Rollout.from_json(json.loads(value))
         elif kind == "alias":
             if value is None:
                 self.aliases.get(name, {}).pop(tail, None)

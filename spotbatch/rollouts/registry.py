@@ -1,4 +1,5 @@
-"""The registry's Kafka side: read the models topic into a state, append versions and aliases.
+"""The registry's Kafka side: read the models topic into a state, append versions, aliases
+and the one rollout record of each name.
 
 One partition keeps every record in order. Versions are immutable: registering an
 existing number is refused. The topic is created on first use with
@@ -8,6 +9,7 @@ existing number is refused. The topic is created on first use with
 from __future__ import annotations
 
 import json
+import logging
 import time
 from typing import Mapping
 
@@ -15,12 +17,14 @@ from kafka import KafkaProducer
 
 from spotbatch.kafka_admin import ensure_topics, read_all
 from spotbatch.rollouts.digest import digest_of_ref
-from spotbatch.rollouts.records import (PRECISIONS, ModelVersion, RegistryState, alias_key, check_name,
-                                        version_key)
+from spotbatch.rollouts.records import (PRECISIONS, ModelVersion, RegistryState, Rollout, alias_key, check_name,
+                                        rollout_key, version_key)
 
 __all__ = ["Registry", "RegistryError", "TOPIC_CONFIGS"]
 
 TOPIC_CONFIGS = {"cleanup.policy": "compact"}
+
+log = logging.getLogger(__name__)
 
 
 class RegistryError(ValueError):
@@ -45,8 +49,12 @@ class Registry:
         self.ensure_topic()
         state = RegistryState()
         for record in read_all(self.bootstrap, self.topic, client_options=self._options):
-            if record.key is not None:
+            if record.key is None:
+                continue
+            try:
                 state.apply(record.key.decode(), record.value)
+            except (ValueError, TypeError, KeyError) as exc:  # one bad record must not blind every worker
+                log.warning("models topic offset %d: skipped an unreadable record (%s)", record.offset, exc)
         return state
 
     def register(self, name: str, version: int, ref: str, *, precision: str = "fp32", notes: str = "",
@@ -84,6 +92,15 @@ class Registry:
             raise RegistryError(f"model {name!r} has no version {version} (versions: {have})")
         value = None if version is None else json.dumps({"version": version}).encode()
         self._send({alias_key(name, alias): value})
+
+    def rollout(self, name: str) -> Rollout | None:
+        """The current rollout record of ``name`` (running or final), None if it never had one."""
+        return self.state().rollouts.get(name)
+
+    def put_rollout(self, rollout: Rollout) -> None:
+        """Write the rollout record: workers route by it, controllers resume from it."""
+        check_name("model name", rollout.name)
+        self._send({rollout_key(rollout.name): json.dumps(rollout.to_json()).encode()})
 
     def _send(self, records: Mapping[str, bytes | None]) -> None:
         self.ensure_topic()

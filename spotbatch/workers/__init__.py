@@ -8,11 +8,10 @@ import time
 import torch
 
 from spotbatch.config import Settings
-from spotbatch.models import get_handler
-from spotbatch.models.runner import BatchRunner
 from spotbatch.workers.broker import Broker
 from spotbatch.workers.metrics import serve_metrics
 from spotbatch.workers.preemption import Notice, watchers_for
+from spotbatch.workers.serving import serve
 from spotbatch.workers.sinks import ParquetSink
 from spotbatch.workers.startup import (BOOTSTRAP_ERRORS, EXIT_BROKER, BrokerWatch, StartupError, StartupHealth,
                                       broker_unreachable, check_locations, wait_for_broker)
@@ -28,12 +27,9 @@ def build_worker(settings: Settings, *, burst: bool = False, broker: Broker | No
     ``broker``: Kafka by default; ``spotbatch.testing.MemoryBroker`` in unit tests."""
     if settings.torch_threads:
         torch.set_num_threads(settings.torch_threads)
-    handler = get_handler(settings.model)
-    runner = BatchRunner(handler, device=settings.device, precision=settings.precision)
-    runner.load()
-    log.info("model %s loaded on %s", handler.name, runner.device)
-    return Worker(settings, handler, runner.run, ParquetSink(settings.output), burst=burst, broker=broker,
-                  stage=runner.stage if runner.can_stage else None)
+    versions = serve(settings)
+    return Worker(settings, versions.handler, None, ParquetSink(settings.output), burst=burst, broker=broker,
+                  versions=versions)
 
 
 def run_worker(settings: Settings, *, burst: bool = False) -> WorkerStats:

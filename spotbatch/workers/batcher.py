@@ -56,6 +56,9 @@ class PendingJob:
     parent: Any = None  # the PartedJob this part belongs to (URI jobs), else None
     part: int | None = None
     prepared: Prepared | None = None  # the prepare stage's rows (token ids), if the model has one
+    served: Any = None  # the versions.Served that runs it (None: the worker's one model)
+    shadow: "PendingJob | None" = None  # the challenger's run of the same rows (shadowed champion job)
+    shadow_of: "PendingJob | None" = None  # on a shadow unit: the job it shadows (never written)
     _parts: dict[int, Outputs] = field(default_factory=dict)
     _rows_done: int = 0
 
@@ -64,7 +67,9 @@ class PendingJob:
         return len(self.values)
 
     def __post_init__(self) -> None:
-        self.params_key = json.dumps(self.params, sort_keys=True)
+        # Jobs share a batch only with the same params and the same model version.
+        served = "" if self.served is None else self.served.key
+        self.params_key = served + json.dumps(self.params, sort_keys=True)
 
     @property
     def tp(self) -> TopicPartition:
@@ -120,6 +125,11 @@ class Batch:
     def rows(self) -> int:
         return sum(s.stop - s.start for s in self.segments)
 
+    @property
+    def served(self) -> Any:
+        """What runs the batch: every segment's job has the same (see params_key)."""
+        return self.segments[0].job.served if self.segments else None
+
     def split(self, outputs: Outputs) -> list[tuple[Segment, Outputs]]:
         """Cut one model call's outputs back into per-segment outputs."""
         pieces, at = [], 0
@@ -132,7 +142,7 @@ class Batch:
 
 class Batcher:
     def __init__(self, *, max_batch_rows: int, max_wait_ms: int, clock: Callable[[], float] = time.monotonic,
-                 max_batch_tokens: int | None = None, prepare: Callable[[list[Any]], Prepared] | None = None,
+                 max_batch_tokens: int | None = None, prepare: Callable[["PendingJob"], Prepared | None] | None = None,
                  window_rows: int | None = None):
         if max_batch_rows < 1:
             raise ValueError("max_batch_rows must be >= 1")
@@ -159,7 +169,7 @@ class Batcher:
     def add(self, job: PendingJob) -> None:
         if self._prepare is not None and job.prepared is None:
             try:
-                job.prepared = self._prepare(job.values)
+                job.prepared = self._prepare(job)
             except Exception as exc:  # noqa: BLE001 - unprepared rows run through predict(), which reports it
                 log.warning("prepare failed for job %s (%s); batching it unsorted", job.job.job_id, exc)
         self._queue.append([job, 0, self._clock()])

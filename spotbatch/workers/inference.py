@@ -41,8 +41,17 @@ class BatchResult:
 
 
 class InferenceThread:
-    def __init__(self, run: RunFn, *, max_in_flight: int = 2, stage: StageFn | None = None) -> None:
-        self._run = run
+    def __init__(self, run: RunFn | None, *, max_in_flight: int = 2, stage: StageFn | None = None,
+                 run_for: Callable[[Batch], RunFn] | None = None,
+                 stage_for: Callable[[Batch], StageFn | None] | None = None) -> None:
+        """``run``/``stage`` serve every batch; ``run_for``/``stage_for`` pick them per
+        batch instead (a worker serving two model versions)."""
+        if run_for is None:
+            if run is None:
+                raise ValueError("give run or run_for")
+            run_for = _always(run)
+        self._run_for: Callable[[Batch], RunFn] = run_for
+        self._stage_for: Callable[[Batch], StageFn | None] = stage_for or _always(stage)
         self.max_in_flight = max(1, max_in_flight)
         self._inbox: queue.SimpleQueue[Batch | None] = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue[BatchResult] = queue.SimpleQueue()
@@ -51,8 +60,8 @@ class InferenceThread:
         # Staged batches hold device memory: one ahead of the model is enough to overlap.
         self._staged: queue.Queue[tuple[Batch, Any] | None] = queue.Queue(maxsize=1)
         self._stager = None
-        if stage is not None:
-            self._stager = threading.Thread(target=self._stage_loop, args=(stage,), name="inference-stage", daemon=True)
+        if stage is not None or stage_for is not None:
+            self._stager = threading.Thread(target=self._stage_loop, name="inference-stage", daemon=True)
             self._stager.start()
         self._thread = threading.Thread(target=self._loop, name="inference", daemon=True)
         self._thread.start()
@@ -100,11 +109,13 @@ class InferenceThread:
             if thread is not None:
                 thread.join(max(0.0, deadline - time.monotonic()))
 
-    def _stage_loop(self, stage: StageFn) -> None:
+    def _stage_loop(self) -> None:
         while (batch := self._inbox.get()) is not None:
             values: Any = batch.values
             try:
-                values = stage(values)
+                stage = self._stage_for(batch)
+                if stage is not None:
+                    values = stage(values)
             except Exception as exc:  # noqa: BLE001 - the model call reports it, unstaged
                 log.warning("staging a batch of %d rows failed (%s); running it unstaged", batch.rows, exc)
             self._staged.put((batch, values))
@@ -122,7 +133,7 @@ class InferenceThread:
             start = time.perf_counter()
             result = BatchResult(batch, 0.0)
             try:
-                result.parts = batch.split(self._run(values, batch.params))
+                result.parts = batch.split(self._run_for(batch)(values, batch.params))
             except Exception as exc:  # noqa: BLE001 - isolated per job below
                 self._run_alone(batch, exc, result)
             del values  # a staged batch's device memory goes before the next one runs
@@ -140,9 +151,13 @@ class InferenceThread:
         for segments in by_job.values():
             alone = Batch(segments, batch.params)
             try:
-                result.parts += alone.split(self._run(alone.values, batch.params))
+                result.parts += alone.split(self._run_for(batch)(alone.values, batch.params))
             except Exception as exc:  # noqa: BLE001
                 result.failures.append((segments[0].job, _as_job_error(exc)))
+
+
+def _always(value: Any) -> Callable[[Batch], Any]:
+    return lambda batch: value
 
 
 def _as_job_error(exc: Exception) -> JobError:

@@ -87,11 +87,18 @@ class Pacing:
             consumer.resume(*resumable)
 
     @staticmethod
-    def poll_ms(*, hungry: bool, busy: bool, due_s: float | None) -> int:
+    def poll_ms(*, hungry: bool, busy: bool, due_s: float | None, dry_s: float | None = None) -> int:
         """``hungry``: the model runs dry soon and closed batches wait; ``busy``: work is
-        on its way back (inference, reads, writes); ``due_s``: until the next batch closes."""
+        on its way back (inference, reads, writes); ``due_s``: until the next batch closes;
+        ``dry_s``: until the model finishes what it holds (rows in flight / its rows/s).
+
+        A poll does not return early when a result comes back, so a busy owner wakes by
+        half the time the model has left: a fast model (tiny, a GPU) eats the backlog in
+        tens of milliseconds, and a fixed 50 ms sleep would starve it."""
         if hungry:
-            return POLL_HUNGRY_MS
-        if busy:
-            return POLL_BUSY_MS
-        return POLL_IDLE_MS if due_s is None else max(1, min(POLL_IDLE_MS, int(due_s * 1000)))
+            wait = POLL_HUNGRY_MS
+        elif busy:
+            wait = POLL_BUSY_MS
+        else:
+            return POLL_IDLE_MS if due_s is None else max(1, min(POLL_IDLE_MS, int(due_s * 1000)))
+        return wait if dry_s is None else max(1, min(wait, int(dry_s * 500)))

@@ -139,8 +139,9 @@ class PartFeed:
     """
 
     def __init__(self, parted: PartedJob, reader: RowReader, parts: list[int], params: dict, epoch: int,
-                 check_rows: Callable[[list[str], list[Any]], None]) -> None:
+                 check_rows: Callable[[list[str], list[Any]], None], *, served: Any = None) -> None:
         self.parent, self._reader, self._parts = parted, reader, deque(parts)
+        self.served = served  # the model version its parts run on
         self._params, self._epoch, self._check_rows = params, epoch, check_rows
         self._lock = threading.Lock()  # close() may come from the owner while a read runs
         self._closed = False
@@ -173,7 +174,7 @@ class PartFeed:
                 if not self._parts:
                     self._close_locked()
         return PendingJob(self.parent.job, self.parent.record, ids, values, self.parent.part_uri(index),
-                          self._params, epoch=self._epoch, parent=self.parent, part=index)
+                          self._params, epoch=self._epoch, parent=self.parent, part=index, served=self.served)
 
     def close(self) -> None:
         """Stop reading (a drain, a revoke, a failed part): waits for a read in flight."""
@@ -196,7 +197,7 @@ class PartPlanner:
         self.owner, self.max_attempts, self._rows_per_s = owner, max_attempts, rows_per_s
 
     def plan(self, job: Job, record: Any, reader: RowReader, rows: int, params: dict, epoch: int,
-             check_rows: Callable[[list[str], list[Any]], None]) -> PartFeed | None:
+             check_rows: Callable[[list[str], list[Any]], None], *, served: Any = None) -> PartFeed | None:
         """The feed of the parts still to do; None when a previous owner already
         finished the job. The feed owns ``reader`` from here on."""
         parted = self._take_up(job, record, rows)
@@ -204,7 +205,7 @@ class PartPlanner:
             if not self.sink.exists(parted.manifest_uri):  # died between checkpoint and manifest
                 self.sink.write_bytes(parted.manifest_uri, parted._manifest())  # noqa: SLF001
             return None
-        return PartFeed(parted, reader, parted.progress.pending_parts(), params, epoch, check_rows)
+        return PartFeed(parted, reader, parted.progress.pending_parts(), params, epoch, check_rows, served=served)
 
     def _take_up(self, job: Job, record: Any, rows: int) -> PartedJob:
         """Load or create the checkpoint and record this attempt; poison jobs raise."""

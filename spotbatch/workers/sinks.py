@@ -69,16 +69,26 @@ class ParquetSink:
             return prefix
         return join_uri(self.root, prefix)
 
-    def write(self, uri: str, ids: list[str], columns: dict[str, np.ndarray]) -> None:
-        """Serialise in memory, then one atomic write: readers never see half a file."""
-        data = _to_parquet_bytes(build_table(ids, columns))
+    def write(self, uri: str, ids: list[str], columns: dict[str, np.ndarray],
+              metadata: dict[str, str] | None = None) -> None:
+        """Serialise in memory, then one atomic write: readers never see half a file.
+        ``metadata`` goes into the Parquet schema (the model version that wrote it)."""
+        data = _to_parquet_bytes(build_table(ids, columns, metadata))
         self._store_for(uri).write_atomic(uri, data)
 
-    def write_many(self, outputs: list[tuple[str, list[str], dict[str, np.ndarray]]]) -> None:
-        """Several outputs (uri, ids, columns) made durable together (one sync for all)."""
+    def write_many(self, outputs: list[tuple[str, list[str], dict[str, np.ndarray], dict[str, str] | None]]) -> None:
+        """Several outputs (uri, ids, columns, metadata) made durable together (one sync for all)."""
         if outputs:
-            items = [(uri, _to_parquet_bytes(build_table(ids, columns))) for uri, ids, columns in outputs]
+            items = [(uri, _to_parquet_bytes(build_table(ids, columns, meta))) for uri, ids, columns, meta in outputs]
             self._store_for(items[0][0]).write_many(items)  # outputs share root's store
+
+    def metadata_of(self, uri: str) -> dict[str, str] | None:
+        """An existing output's Parquet schema metadata (our keys only); None if there is none."""
+        store = self._store_for(uri)
+        if not store.exists(uri):
+            return None
+        schema = pq.read_schema(pa.BufferReader(store.read_bytes(uri)))
+        return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"spotbatch.")}
 
     def _store_for(self, uri: str) -> ObjectStore:
         return self._store if self._store is not None else store_for(uri)
@@ -90,14 +100,14 @@ def _safe_name(job_id: str) -> str:
     return job_id
 
 
-def build_table(ids: list[str], columns: dict[str, np.ndarray]) -> pa.Table:
+def build_table(ids: list[str], columns: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> pa.Table:
     """``id`` (string) first, then each column; a 2-D (n, d) array -> fixed_size_list[d]."""
     if "id" in columns:
         raise ValueError("'id' is reserved for the row ids; rename the output column")
     arrays = {"id": pa.array([str(i) for i in ids], type=pa.string())}
     for name, values in columns.items():
         arrays[name] = _column(name, np.asarray(values), len(ids))
-    return pa.table(arrays)
+    return pa.table(arrays, metadata=metadata)
 
 
 def _column(name: str, values: np.ndarray, n: int) -> pa.Array:

@@ -11,6 +11,7 @@ from typing import Any, Callable, Literal
 from kafka import KafkaProducer
 
 from spotbatch.errors import JobError
+from spotbatch.rollouts.records import ShadowRecord, shadow_topic
 from spotbatch.records import HEADER_PREFIX, DeadLetterHeaders, StatusRecord, dead_letter_key, dlq_topic, encode, results_topic
 
 __all__ = ["SideStreams", "dlq_topic", "results_topic", "HEADER_PREFIX"]
@@ -68,6 +69,10 @@ class SideStreams:
             except Exception as exc:  # noqa: BLE001 - the preview and digest still go out
                 log.warning("could not store the oversized original of offset %d: %s", record.offset, exc)
         return info
+
+    def shadow(self, topic: str, record: ShadowRecord) -> Any:
+        """A shadow comparison to ``<topic>.shadow``: best effort, no offset waits for it."""
+        return self._producer.send(shadow_topic(topic), key=record.job_id.encode(), value=record.to_json())
 
     def status(self, topic: str, job_id: str | None, *, status: Literal["ok", "failed"], key: bytes | None,
                **fields: Any) -> Any:

@@ -46,7 +46,9 @@ from spotbatch.workers.ownership import Ownership
 from spotbatch.workers.pacing import Pacing
 from spotbatch.workers.parts import PartFeed, PartPlanner
 from spotbatch.workers.streams import SideStreams
+from spotbatch.workers.shadow import shadow_record
 from spotbatch.workers.usage import UsageMeter
+from spotbatch.workers.versions import LoadedModel, Versions
 
 __all__ = ["Worker", "WorkerStats"]
 
@@ -94,12 +96,16 @@ class Worker:
 
     ``broker`` makes the consumer and the producer (kafka-python by default;
     ``spotbatch.testing.MemoryBroker`` in unit tests). ``stage`` (``BatchRunner.stage``)
-    does a batch's host work and upload one batch ahead of ``run_batch``.
+    does a batch's host work and upload one batch ahead of ``run_batch``. ``versions``
+    (a registry name's champion and challenger, see versions.py) replaces the one model
+    ``handler`` / ``run_batch`` / ``stage`` describe.
     """
 
     def __init__(self, settings: Settings, handler: Any, run_batch: Any, sink: Any, *, burst: bool = False,
                  checkpoints: CheckpointStore | None = None, broker: Broker | None = None,
-                 stage: Callable[[Any], Any] | None = None) -> None:
+                 stage: Callable[[Any], Any] | None = None, versions: Versions | None = None) -> None:
+        self._versions = versions or Versions.single(handler.name, LoadedModel(handler, run_batch, stage),
+                                                     aliases=(settings.model,))
         self.settings = settings
         self.worker_id = f"{socket.gethostname()}-{os.getpid()}"
         self.metrics = WorkerMetrics()
@@ -109,7 +115,7 @@ class Worker:
         self._stop_reason = "stop requested"
         self._owned = Ownership()
         self._tracker = OffsetTracker()
-        self._batcher = _batcher_for(settings, handler)
+        self._batcher = _batcher_for(settings, self._versions)
         self._max_pending_rows = _pending_limit(settings)
         self._pacing = Pacing(max_pending_rows=self._max_pending_rows, max_batch_rows=settings.max_batch_rows,
                               max_open_inputs=_MAX_OPEN_INPUTS)
@@ -121,17 +127,20 @@ class Worker:
                               rows_per_s=lambda: self._rows_per_s)
         limits = InputLimits(max_line_bytes=settings.max_line_bytes, max_document_bytes=settings.max_document_bytes,
                              read_timeout_s=settings.input_read_timeout_s)
-        self._intake = Intake(handler, sink, planner, aliases=(settings.model,),
+        self._intake = Intake(self._versions, sink, planner,
                               inputs=InputPolicy(settings.input_prefixes), limits=limits)
         self._inflight = InFlight()  # accepted units not yet durable or failed, by state
-        self._skip_models = set(settings.skip_models) - {settings.model, handler.name}
+        self._skip_models = set(settings.skip_models) - self._versions.names()
         ledger_root = join_uri(settings.checkpoint_location(), "_attempts")
         self._ledger = AttemptLedger(store_for(ledger_root), ledger_root, self.worker_id, settings.max_attempts)
         self._sink = sink
         # Stage as many closed batches as the backlog allows: a fast model (GPU) must not
         # wait for the owner's next turn between batches.
         staged = max(2, self._max_pending_rows // settings.max_batch_rows)
-        self._inference = InferenceThread(model_retry(run_batch), max_in_flight=staged, stage=stage)
+        self._retrying: dict[int, Callable] = {}  # id(LoadedModel) -> its run under model_retry
+        stages = self._versions.model_for(None).stage is not None  # text models: a stage thread
+        self._inference = InferenceThread(None, max_in_flight=staged, run_for=self._run_for,
+                                          stage_for=self._stage_for if stages else None)
         # Reads, output lookups (one per job: a HEAD on S3) and writes; lookups are short.
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="io")
         self._admission = Admission(self._ledger, self._io, max_batch_rows=settings.max_batch_rows)
@@ -209,7 +218,7 @@ class Worker:
         # Queued parts of URI jobs are checkpointed and resumable: leave them at once.
         # Parked, they still count toward the rows the interruption record says it lost.
         self._inflight.park(lambda unit: unit.parent is not None)
-        self._batcher.drop(lambda unit: unit.parent is None)
+        self._batcher.drop(lambda unit: unit.parent is None and unit.shadow_of is None)
         releases = [self._io.submit(parent.release) for parent in self._unfinished_parted_jobs()]
         releases += [self._io.submit(self._ledger.release, tp.topic, tp.partition) for tp in self._owned.partitions]
         self._drop_feeds(lambda feed: True)
@@ -234,6 +243,7 @@ class Worker:
 
     def turn(self, draining: bool = False) -> None:
         """One pass of the owner loop (run() repeats it; unit tests step it)."""
+        self._versions.refresh()  # a registry change: load a new champion or challenger
         self._pacing.apply(self._consumer, backlog_rows=self._backlog_rows(), open_inputs=self._open_inputs(),
                            draining=draining)
         self.metrics.pending_rows.set(self._batcher.pending_rows)
@@ -300,8 +310,10 @@ class Worker:
         in_flight = self._inference.in_flight
         busy = bool(in_flight or self._loads or self._inflight.writes_pending or len(self._admission)
                     or any(f.read for f in self._feeds))
+        rate = self._rows_per_s
+        dry_s = self._inference.rows_in_flight / rate if rate and in_flight else None
         return self._pacing.poll_ms(hungry=bool(in_flight and self._inference.hungry and len(self._batcher)),
-                                    busy=busy, due_s=self._batcher.seconds_until_due())
+                                    busy=busy, due_s=self._batcher.seconds_until_due(), dry_s=dry_s)
 
     def _accept(self, record: Any) -> bool:
         """Take a record on; False when it is held back (a large job after a rebalance
@@ -433,6 +445,8 @@ class Worker:
             if self._owned.is_current(unit) and not _failed(unit):
                 self._inflight.move(unit, State.QUEUED)
                 self._batcher.add(unit)
+                if unit.shadow is not None:  # extra work on the challenger: not ledgered, never written
+                    self._batcher.add(unit.shadow)
             else:
                 self._inflight.leave(unit)
 
@@ -494,11 +508,19 @@ class Worker:
                     self._inflight.leave(job)
                     continue
                 job.add_part(seg.start, outputs)
+                if job.shadow_of is not None or job.shadow is not None:
+                    self._compare_when_both_done(job)
+                if job.shadow_of is not None:
+                    continue
                 if job.complete and job.parent is None:
                     inline.append(job)
                 elif job.complete:
                     self._inflight.writing(job, self._io.submit(self._write_part, job))
             for job, err in result.failures:
+                if job.shadow_of is not None:  # the challenger failed where the champion ran: its own gate shows it
+                    log.warning("shadow run of job %s on the challenger failed: %s", job.job.job_id, err)
+                    job.shadow_of.shadow = None
+                    continue
                 if self._owned.is_current(job) and not _failed(job):
                     job.failed = True
                     if job.parent is not None:
@@ -514,7 +536,7 @@ class Worker:
         """Make inline jobs durable together (I/O thread). Their outputs are their
         checkpoints, so the group's cost sizes the checkpoint interval too."""
         started = time.monotonic()
-        self._sink.write_many([(job.output_uri, job.ids, job.outputs()) for job in jobs])
+        self._sink.write_many([(job.output_uri, job.ids, job.outputs(), _metadata(job)) for job in jobs])
         self.interval.observe_cost(time.monotonic() - started)
         for _ in jobs:
             chaos.reached("after_write")
@@ -522,7 +544,7 @@ class Worker:
 
     def _write_part(self, job: PendingJob) -> bool:
         """Make a part durable and checkpoint it (I/O thread); True once its job is complete."""
-        self._sink.write(job.output_uri, job.ids, job.outputs())
+        self._sink.write(job.output_uri, job.ids, job.outputs(), _metadata(job))
         complete, cost_s = job.parent.part_done(job.part, job.rows)
         self.interval.observe_cost(cost_s)
         chaos.reached("after_write")
@@ -542,12 +564,40 @@ class Worker:
                 continue
             whole = job.parent
             started = whole.started_at if whole else job.accepted_at
+            served = job.served.status_fields() if job.served is not None else {}
             self._outcomes.written(job.record, job.epoch, job.job.job_id, rows=whole.rows if whole else job.rows,
                                    seconds=round(time.monotonic() - started, 3),
-                                   output=whole.folder_uri if whole else job.output_uri)
+                                   output=whole.folder_uri if whole else job.output_uri, **served)
 
     def _commit(self) -> None:
         self._outcomes.commit(self._consumer, self._owned.partitions)
+
+    # ---- versions --------------------------------------------------------------
+
+    def _run_for(self, batch) -> Callable:
+        """The batch's version's run, under the model retry policy (inference thread)."""
+        model = self._versions.model_for(batch.served)
+        run = self._retrying.get(id(model))
+        if run is None:
+            run = self._retrying[id(model)] = model_retry(model.run)
+        return run
+
+    def _stage_for(self, batch) -> Callable | None:
+        return self._versions.model_for(batch.served).stage
+
+    def _compare_when_both_done(self, job: PendingJob) -> None:
+        """A shadowed job and its challenger run, both inferred: send how far they agree."""
+        primary = job.shadow_of or job
+        shadow = primary.shadow
+        if shadow is None or not (primary.complete and shadow.complete):
+            return
+        primary.shadow = None  # once
+        try:
+            record = shadow_record(primary, shadow, worker=self.worker_id)
+        except ValueError as exc:  # outputs that cannot be compared: say so, never fail the job
+            log.warning("job %s: champion and challenger outputs not comparable: %s", primary.job.job_id, exc)
+            return
+        self._streams.shadow(primary.record.topic, record)
 
     # ---- helpers ---------------------------------------------------------------
 
@@ -603,15 +653,21 @@ class Worker:
         return now - self._idle_since >= seconds
 
 
-def _batcher_for(settings: Settings, handler: Any) -> Batcher:
+def _batcher_for(settings: Settings, versions: Versions) -> Batcher:
     """Token-aware batching where the model has a prepare stage and a token budget is set.
 
-    The sorting window must fit in the backlog the pacing allows (half of it: the rest
-    is in flight), or it would only ever close on max_wait."""
-    prepare = getattr(handler, "prepare", None) if settings.max_batch_tokens else None
+    Each job is prepared by its own version's handler (versions may tokenise apart). The
+    sorting window must fit in the backlog the pacing allows (half of it: the rest is in
+    flight), or it would only ever close on max_wait."""
+    def prepare(job: PendingJob) -> Any:
+        step = getattr(versions.model_for(job.served).handler, "prepare", None)
+        return None if step is None else step(job.values)
+
+    text = getattr(versions.handler, "prepare", None) is not None
+    prepare_fn = prepare if settings.max_batch_tokens and text else None
     window = max(settings.max_batch_rows, min(16 * settings.max_batch_rows, _pending_limit(settings) // 2))
     return Batcher(max_batch_rows=settings.max_batch_rows, max_wait_ms=settings.max_wait_ms,
-                   max_batch_tokens=settings.max_batch_tokens, prepare=prepare, window_rows=window)
+                   max_batch_tokens=settings.max_batch_tokens, prepare=prepare_fn, window_rows=window)
 
 
 def _pending_limit(settings: Settings) -> int:
@@ -638,6 +694,10 @@ def _wait_quietly(futures: list[Future], timeout_s: float) -> None:
             fut.result(timeout=max(0.0, deadline - time.monotonic()))
         except Exception as exc:  # noqa: BLE001 - logged; the drain goes on
             log.warning("could not note the drain in a checkpoint: %s", exc)
+
+
+def _metadata(job: PendingJob) -> dict[str, str] | None:
+    return None if job.served is None else job.served.metadata()
 
 
 def _failed(unit: PendingJob) -> bool:

@@ -42,8 +42,11 @@ from spotbatch.kafka_admin import committed_offsets
 from spotbatch.storage import join_uri
 from spotbatch.testing.store import MemoryStore
 from spotbatch.workers.sinks import ParquetSink
+from spotbatch.workers.versions import Served
 from tests.fake_metadata import FakeAws
 from tests.integration.helpers import REPO_ROOT, WorkerProc, expected_embeddings, spawn_worker
+
+TINY = Served("tiny", None, "builtin")  # what the workers serve: the metadata their outputs carry
 
 __all__ = [
     "SEED_ENV", "DEFAULT_SEED", "CHECKPOINT_ROWS", "BATCH_ROWS", "CHAOS_WORKER_ARGS", "SHIM_DIR", "INFERENCE_LOG_ENV", "INTERRUPTIONS", "chaos_seed",
@@ -212,7 +215,7 @@ def reference_outputs(workload: Workload, output_root: str) -> dict[str, tuple[b
                       for i in range(job.parts_total)]
         for uri, start, stop in pieces:
             emb = expected_embeddings(texts[start:stop])
-            sink.write(uri, ids[start:stop], {"embedding": emb})
+            sink.write(uri, ids[start:stop], {"embedding": emb}, TINY.metadata())  # as the worker writes it
             refs[uri] = (store.read_bytes(uri), ids[start:stop], emb)
     return refs
 

@@ -85,7 +85,7 @@ def test_sigkill_after_write_before_commit_finds_the_output_and_commits_without_
 
 def test_sigterm_drains_commits_only_durable_jobs_and_exits_zero(kafka_bootstrap, tmp_path):
     topic, group, out = make_topic(kafka_bootstrap, 4), new_group(), tmp_path / "out"
-    # Far more records than the worker holds at once (max_pending_rows, 4096 rows by default,
+    # Far more records than the worker holds at once (max_pending_rows, set to 4096 rows here,
     # plus one poll of 500), so some are still unaccepted at SIGTERM.
     jobs = make_jobs(6000, 2, "drain")
     publish(kafka_bootstrap, topic, jobs)
@@ -96,7 +96,7 @@ def test_sigterm_drains_commits_only_durable_jobs_and_exits_zero(kafka_bootstrap
     # work is usually abandoned mid-way: the committed positions must still cover only
     # jobs whose outputs are durable.
     first = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, name="first", burst=False,
-                         args=["--drain-s", "3.5"])
+                         args=["--drain-s", "3.5"], env={"SPOTBATCH_MAX_PENDING_ROWS": "4096"})
     wait_until(lambda: list_outputs(out), 60, "the first output file", every_s=0.02, workers=[first])
     first.signal(signal.SIGTERM)
     rc = first.wait(25)
@@ -166,7 +166,7 @@ def test_metrics_and_healthz(kafka_bootstrap, tmp_path):
         return text if _metric(text, "spotbatch_rows_total") == 120 else None
 
     text = wait_until(rows_done, 60, "spotbatch_rows_total == 120", workers=[worker])
-    assert _metric(text, 'spotbatch_jobs_total{status="ok"}') is not None
+    # Inferred is not yet durable: the ok count follows once the writes and statuses land.
     wait_until(lambda: _metric(_get(f"{base}/metrics")[1], 'spotbatch_jobs_total{status="ok"}') == 30,
                30, "30 ok jobs", workers=[worker])
     assert _get(f"{base}/nope")[0] == 404

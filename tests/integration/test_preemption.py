@@ -117,7 +117,8 @@ def test_aws_spot_notice_drains_and_records_the_interruption(kafka_bootstrap, tm
     with FakeAws() as aws:
         worker = spawn_worker(kafka_bootstrap, topic, group, out, tmp_path, burst=False,
                               args=["--notice-source", "aws", "--drain-s", "5"],
-                              env={"SPOTBATCH_AWS_METADATA_URL": aws.url, "SPOTBATCH_NOTICE_POLL_S": "0.1"})
+                              env={"SPOTBATCH_AWS_METADATA_URL": aws.url, "SPOTBATCH_NOTICE_POLL_S": "0.1",
+                                   "SPOTBATCH_MAX_PENDING_ROWS": "4096"})  # holds less than all 10,000 rows at once
         wait_until(lambda: len(list_outputs(out)) >= 5, 60, "first outputs", workers=[worker])
         aws.notice(action="terminate", in_s=120)
         assert worker.wait(30) == 0, worker.describe()

@@ -31,7 +31,7 @@ def test_defaults():
     s = load_settings()
     assert isinstance(s, Settings)
     assert s.topic == "spotbatch.jobs"
-    assert s.max_batch_rows == 64
+    assert s.max_batch_rows == 256
     assert s.max_wait_ms == 50
 
 
@@ -177,8 +177,8 @@ def test_bad_input_prefix_names_the_flag(monkeypatch):
 
 
 def test_pending_rows_derive_from_the_batch_size():
-    assert load_settings().max_pending_rows == 4096  # 8 batches of 64, floored at 4096
-    assert load_settings(max_batch_rows=1024).max_pending_rows == 8192
+    assert load_settings().max_pending_rows == 16384  # 8 batches of 256, floored at 16384
+    assert load_settings(max_batch_rows=4096).max_pending_rows == 32768
     assert load_settings(max_batch_rows=1024, max_pending_rows=2048).max_pending_rows == 2048
 
 
@@ -266,10 +266,10 @@ def test_checkpoint_interval_is_typed_at_load_and_a_bad_one_names_its_key(clean_
 
 def test_yaml_takes_sections_as_well_as_flat_keys(tmp_path, clean_env):
     path = tmp_path / "spotbatch.yaml"
-    path.write_text("kafka:\n  topic: jobs.eu\nbatching:\n  max_batch_rows: 1024\noutput: /data/out\n")
+    path.write_text("kafka:\n  topic: jobs.eu\nbatching:\n  max_batch_rows: 4096\noutput: /data/out\n")
     settings = load_settings(path)
-    assert (settings.topic, settings.max_batch_rows, settings.output) == ("jobs.eu", 1024, "/data/out")
-    assert settings.max_pending_rows == 8 * 1024  # derived in the batching section from its own fields
+    assert (settings.topic, settings.max_batch_rows, settings.output) == ("jobs.eu", 4096, "/data/out")
+    assert settings.max_pending_rows == 8 * 4096  # derived in the batching section from its own fields
 
 
 @pytest.mark.parametrize("text, message", [

@@ -13,7 +13,9 @@ from spotbatch.errors import JobError
 from spotbatch.input_access import InputPolicy
 from spotbatch.jobs import parse_job
 from spotbatch.models.tiny import TinyHandler
+from spotbatch.models.runner import BatchRunner
 from spotbatch.workers.intake import Intake
+from spotbatch.workers.versions import LoadedModel, Versions
 from spotbatch.workers.parts import PartFeed, PartPlanner
 from spotbatch.workers.sinks import ParquetSink
 
@@ -30,7 +32,9 @@ def intake(root, tmp_path):
     sink = ParquetSink(root)
     planner = PartPlanner(LocalCheckpointStore(tmp_path / "ckpt"), sink, CheckpointInterval("2rows"),
                           owner="test", max_attempts=3, rows_per_s=lambda: None)
-    return Intake(TinyHandler(), sink, planner, inputs=InputPolicy([str(tmp_path)]))
+    handler = TinyHandler()
+    model = LoadedModel(handler, BatchRunner(handler, device="cpu").run)
+    return Intake(Versions.single("tiny", model), sink, planner, inputs=InputPolicy([str(tmp_path)]))
 
 
 def _read_all(feed: PartFeed) -> list:

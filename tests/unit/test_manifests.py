@@ -481,3 +481,25 @@ def test_network_policies(overlay):
         egress_ports = {p["port"] for r in worker["egress"] for p in r["ports"]}
         assert {53, 9092, 443} <= egress_ports and egress_ports <= {53, 80, 443, 9092, 9093, 9094, 9096, 9098}
         assert all("ports" in r for r in worker["egress"])  # no allow-all egress rule
+
+
+ROLLOUT_CONTROLLER = "spotbatch-rollout-controller"
+
+
+@overlays
+def test_rollout_controller_runs_once_without_api_access(overlay):
+    """It only talks to Kafka: one replica (Recreate), no token, no ingress, egress to DNS and Kafka."""
+    dep = _deployment(overlay, ROLLOUT_CONTROLLER)
+    spec = dep["spec"]
+    assert spec["replicas"] == 1 and spec["strategy"] == {"type": "Recreate"}
+    (container,) = pod_containers(dep)
+    assert container["args"][:2] == ["rollout", "controller"]
+    account = spec["template"]["spec"]["serviceAccountName"]
+    assert spec["template"]["spec"]["automountServiceAccountToken"] is False
+    assert find(overlay, "ServiceAccount", account)["automountServiceAccountToken"] is False
+    assert not [b for b in objects(overlay, "RoleBinding") if any(s["name"] == account for s in b["subjects"])]
+    policy = _policy_for(overlay, ROLLOUT_CONTROLLER)["spec"]
+    assert set(policy["policyTypes"]) == {"Ingress", "Egress"} and not policy.get("ingress")
+    egress_ports = {p["port"] for r in policy["egress"] for p in r["ports"]}
+    assert egress_ports == {53, 9092, 9093, 9094, 9096, 9098}
+    assert config_data(overlay)["SPOTBATCH_MODELS_TOPIC"]

@@ -32,6 +32,11 @@ def _prepare(values):
     return Prepared(list(values), [[1] * v for v in values], np.asarray(values, dtype=np.int64))
 
 
+def _by_job(prepare):
+    """The batcher prepares a job: here from its values alone."""
+    return lambda job: prepare(job.values)
+
+
 def _job(job_id: str, lengths: list[int]) -> PendingJob:
     rows = [{"id": f"{job_id}-{i}", "text": "x"} for i in range(len(lengths))]
     raw = json.dumps({"job_id": job_id, "model": "tiny", "inputs": {"rows": rows}}).encode()
@@ -53,7 +58,7 @@ def _jobs(seed: int = 7, n: int = 12) -> list[PendingJob]:
 
 def test_batches_stay_within_the_token_budget_and_cover_every_row_once():
     jobs = _jobs()
-    batcher = Batcher(max_batch_rows=32, max_wait_ms=0, max_batch_tokens=2000, prepare=_prepare, window_rows=10**6)
+    batcher = Batcher(max_batch_rows=32, max_wait_ms=0, max_batch_tokens=2000, prepare=_by_job(_prepare), window_rows=10**6)
     for job in jobs:
         batcher.add(job)
     batches = _drain(batcher)
@@ -69,7 +74,7 @@ def test_batches_stay_within_the_token_budget_and_cover_every_row_once():
 def test_sorting_cuts_padding_against_arrival_order():
     jobs = _jobs(seed=3, n=20)
     arrival = Batcher(max_batch_rows=32, max_wait_ms=0)
-    tokens = Batcher(max_batch_rows=32, max_wait_ms=0, max_batch_tokens=None, prepare=_prepare, window_rows=10**6)
+    tokens = Batcher(max_batch_rows=32, max_wait_ms=0, max_batch_tokens=None, prepare=_by_job(_prepare), window_rows=10**6)
     for job in jobs:
         arrival.add(job)
         tokens.add(job)
@@ -84,7 +89,7 @@ def test_sorting_cuts_padding_against_arrival_order():
 
 def test_each_job_gets_its_own_rows_back_in_order():
     jobs = _jobs(seed=11)
-    batcher = Batcher(max_batch_rows=16, max_wait_ms=0, max_batch_tokens=1500, prepare=_prepare, window_rows=10**6)
+    batcher = Batcher(max_batch_rows=16, max_wait_ms=0, max_batch_tokens=1500, prepare=_by_job(_prepare), window_rows=10**6)
     for job in jobs:
         batcher.add(job)
     for batch in _drain(batcher):
@@ -99,7 +104,7 @@ def test_each_job_gets_its_own_rows_back_in_order():
 
 
 def test_a_window_waits_until_full_or_due():
-    batcher = Batcher(max_batch_rows=4, max_wait_ms=1000, max_batch_tokens=100, prepare=_prepare, window_rows=12)
+    batcher = Batcher(max_batch_rows=4, max_wait_ms=1000, max_batch_tokens=100, prepare=_by_job(_prepare), window_rows=12)
     batcher.add(_job("a", [5] * 8))
     assert batcher.next_batch() is None and batcher.seconds_until_due() > 0
     batcher.add(_job("b", [5] * 8))  # 16 rows >= the 12-row window: it closes into 3 batches
@@ -111,7 +116,7 @@ def test_a_window_waits_until_full_or_due():
 
 def test_drop_removes_revoked_jobs_from_ready_batches_too():
     keep, gone = _job("keep", [10] * 6), _job("gone", [10] * 6)
-    batcher = Batcher(max_batch_rows=4, max_wait_ms=0, max_batch_tokens=None, prepare=_prepare, window_rows=12)
+    batcher = Batcher(max_batch_rows=4, max_wait_ms=0, max_batch_tokens=None, prepare=_by_job(_prepare), window_rows=12)
     batcher.add(keep)
     batcher.add(gone)
     batcher.next_batch()  # the window is now cut into ready batches
@@ -128,7 +133,7 @@ def test_a_failing_prepare_leaves_the_job_unsorted_not_lost():
             raise ValueError("tokenizer exploded")
         return _prepare(values)
 
-    batcher = Batcher(max_batch_rows=8, max_wait_ms=0, max_batch_tokens=100, prepare=flaky, window_rows=100)
+    batcher = Batcher(max_batch_rows=8, max_wait_ms=0, max_batch_tokens=100, prepare=_by_job(flaky), window_rows=100)
     good, bad = _job("good", [3, 4]), _job("bad", [13, 2])
     batcher.add(good)
     batcher.add(bad)
@@ -174,7 +179,7 @@ def test_inference_thread_stages_ahead_and_returns_every_batch(minilm):
         staged_calls.append(len(values))
         return runner.stage(values)
 
-    batcher = Batcher(max_batch_rows=2, max_wait_ms=0, max_batch_tokens=None, prepare=minilm.prepare, window_rows=64)
+    batcher = Batcher(max_batch_rows=2, max_wait_ms=0, max_batch_tokens=None, prepare=_by_job(minilm.prepare), window_rows=64)
     job = _job("t", [0] * len(TEXTS))
     job.values = list(TEXTS)
     batcher.add(job)
