@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 from spotbatch.errors import JobError
 from spotbatch.jobs import Job
+from spotbatch.retry import model_retry
 from spotbatch.rollouts.records import ModelVersion, RegistryState, parse_model_ref
 from spotbatch.rollouts.routing import bucket_of, routes_to_challenger
 from spotbatch.rollouts.watch import RegistryWatch
@@ -88,6 +89,7 @@ class Versions:
         self._names = {name, *aliases}
         self._loaded: dict[int, LoadedModel] = {}
         self._refused: dict[int, str] = {}  # version -> why
+        self._retrying: dict[int, Callable] = {}  # id(LoadedModel) -> its run under model_retry
         self._generation = -1
 
     @classmethod
@@ -152,6 +154,14 @@ class Versions:
         if served is None or served.version is None:
             return self._champion_model()
         return self._loaded[served.version.version]
+
+    def run_for(self, served: Served | None) -> Callable[[Any, dict[str, Any]], Any]:
+        """The version's run under the model retry policy (built once per loaded model)."""
+        model = self.model_for(served)
+        run = self._retrying.get(id(model))
+        if run is None:
+            run = self._retrying[id(model)] = model_retry(model.run)
+        return run
 
     def shadow_of(self, served: Served) -> Served | None:
         """The challenger's run of a shadowed champion job: computed, compared, not written."""

@@ -10,14 +10,12 @@ written, or its dead letter acknowledged by the broker.
 from __future__ import annotations
 
 import logging
-import operator
 import os
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
-from typing import Any, Callable, cast
+from typing import Any, Callable
 
 from kafka.errors import KafkaError
 from kafka.structs import TopicPartition
@@ -28,7 +26,6 @@ from spotbatch.errors import JobError, job_error_from
 from spotbatch.input_access import InputPolicy
 from spotbatch.inputs import InputLimits
 from spotbatch.jobs import InlineInputs, Job, parse_job
-from spotbatch.retry import model_retry
 from spotbatch.checkpointing import CheckpointInterval, CheckpointStore, store_for_checkpoints
 from spotbatch.storage import join_uri, store_for
 from spotbatch.workers.admission import Admission
@@ -36,6 +33,7 @@ from spotbatch.workers.attempts import AttemptLedger
 from spotbatch.workers.batcher import Batcher, PendingJob
 from spotbatch.workers.broker import Broker, KafkaBroker, Rebalance
 from spotbatch.workers.deadline import Deadline
+from spotbatch.workers.feeds import Feeds
 from spotbatch.workers.inference import BatchResult, InferenceThread
 from spotbatch.workers.inflight import InFlight, State
 from spotbatch.workers.intake import Intake
@@ -68,20 +66,6 @@ class _Load:
     job: Job
     rows: int  # what it will add to the backlog (a guess for a file not read yet)
     future: Future
-
-
-@dataclass(eq=False)
-class _Feed:
-    """A URI job whose parts are read as the backlog has room; ``read``: the one in flight."""
-
-    feed: PartFeed
-    read: Future | None = None
-    rows: int = 0  # rows the read in flight brings
-
-    @property
-    def tp(self) -> TopicPartition:
-        record = self.feed.parent.record
-        return TopicPartition(record.topic, record.partition)
 
 
 @dataclass
@@ -137,15 +121,15 @@ class Worker:
         # Stage as many closed batches as the backlog allows: a fast model (GPU) must not
         # wait for the owner's next turn between batches.
         staged = max(2, self._max_pending_rows // settings.max_batch_rows)
-        self._retrying: dict[int, Callable] = {}  # id(LoadedModel) -> its run under model_retry
-        stages = self._versions.model_for(None).stage is not None  # text models: a stage thread
-        self._inference = InferenceThread(None, max_in_flight=staged, run_for=self._run_for,
-                                          stage_for=self._stage_for if stages else None)
+        versions = self._versions
+        stages = versions.model_for(None).stage is not None  # text models: a stage thread
+        self._inference = InferenceThread(None, max_in_flight=staged, run_for=lambda b: versions.run_for(b.served),
+                                          stage_for=(lambda b: versions.model_for(b.served).stage) if stages else None)
         # Reads, output lookups (one per job: a HEAD on S3) and writes; lookups are short.
         self._io = ThreadPoolExecutor(max_workers=4, thread_name_prefix="io")
         self._admission = Admission(self._ledger, self._io, max_batch_rows=settings.max_batch_rows)
         self._loads: list[_Load] = []
-        self._feeds: list[_Feed] = []  # URI jobs with parts still to read, oldest first
+        self._feeds = Feeds(self._io, max_pending_rows=self._max_pending_rows)  # URI jobs with parts to read
         self._idle_since: float | None = None
         broker = broker or KafkaBroker()
         self._consumer = broker.consumer(settings, self.worker_id)
@@ -221,7 +205,7 @@ class Worker:
         self._batcher.drop(lambda unit: unit.parent is None and unit.shadow_of is None)
         releases = [self._io.submit(parent.release) for parent in self._unfinished_parted_jobs()]
         releases += [self._io.submit(self._ledger.release, tp.topic, tp.partition) for tp in self._owned.partitions]
-        self._drop_feeds(lambda feed: True)
+        self._feeds.drop(lambda feed: True)
         self._forget(self._admission.drop(lambda unit: False))  # suspects wait for the next owner
         while self._busy() and not deadline.passed(_FINAL_RESERVE_S):
             self.turn(draining=True)
@@ -258,7 +242,7 @@ class Worker:
         self._collect_loads()
         self._collect_recorded()
         self._collect_parts()
-        self._pull_parts()
+        self._feeds.pull(self._backlog_rows)
         self._collect_results()
         self._feed_inference(force=draining)
         self._collect_writes()
@@ -277,7 +261,7 @@ class Worker:
             return
         for parent in self._unfinished_parted_jobs(in_partitions=tps):  # not the job's fault
             self._io.submit(parent.release)
-        self._drop_feeds(lambda feed: feed.tp in tps)
+        self._feeds.drop(lambda feed: feed.tp in tps)
         for tp in tps:  # revoked or lost: forget; in-flight results become stale
             self._release_ledger(tp)
             self._tracker.forget(tp)
@@ -303,13 +287,13 @@ class Worker:
 
     def _backlog_rows(self) -> int:
         """Rows accepted and not yet inferred; a file not opened yet counts as one batch."""
-        loading = sum(load.rows for load in self._loads) + sum(feed.rows for feed in self._feeds)
+        loading = sum(load.rows for load in self._loads) + self._feeds.rows
         return self._batcher.pending_rows + self._inference.rows_in_flight + loading + self._admission.rows
 
     def _poll_ms(self) -> int:
         in_flight = self._inference.in_flight
         busy = bool(in_flight or self._loads or self._inflight.writes_pending or len(self._admission)
-                    or any(f.read for f in self._feeds))
+                    or self._feeds.reading)
         rate = self._rows_per_s
         dry_s = self._inference.rows_in_flight / rate if rate and in_flight else None
         return self._pacing.poll_ms(hungry=bool(in_flight and self._inference.hungry and len(self._batcher)),
@@ -367,33 +351,20 @@ class Worker:
     def _open_inputs(self) -> int:
         return len(self._feeds) + sum(1 for load in self._loads if Intake.needs_io(load.job))
 
-    def _pull_parts(self) -> None:
-        """Read URI jobs' next parts while the backlog has room, oldest job first and one
-        read per job at a time: a job of any size holds a few parts in memory."""
-        for feed in self._feeds:
-            if feed.read is not None or feed.feed.parent.failed or not feed.feed.parts_left:
-                continue
-            backlog, rows = self._backlog_rows(), feed.feed.next_rows
-            if backlog and backlog + rows > self._max_pending_rows:
-                return
-            feed.rows, feed.read = rows, self._io.submit(feed.feed.read_next)
-
     def _collect_parts(self) -> None:
-        for feed in [f for f in self._feeds if f.read is not None and f.read.done()]:
-            done = partial(operator.is_, feed)  # bound now: this feed, not the loop's last
-            read, feed.read, feed.rows = feed.read, None, 0
+        for feed, read in self._feeds.finished():
             parent = feed.feed.parent
             try:
-                unit = cast(Future, read).result()  # the comprehension kept only started reads
+                unit = read.result()
             except Exception as exc:  # noqa: BLE001 - infrastructure faults re-raise below
-                self._drop_feeds(done)
+                self._feeds.remove(feed)
                 if self._owned.epoch_of(feed.tp) == feed.feed.epoch and not parent.failed:
                     self._fail_parted(parent)
                     self._outcomes.dead_letter(parent.record, feed.feed.epoch, job_error_from(exc, default="input_invalid"),
                                       parent.job.job_id)
                 continue
             if not feed.feed.parts_left or parent.failed:
-                self._drop_feeds(done)
+                self._feeds.remove(feed)
             if self._owned.is_current(unit) and not _failed(unit):
                 self._inflight.enter(unit, State.QUEUED)
                 self._batcher.add(unit)
@@ -401,13 +372,6 @@ class Worker:
     def _fail_parted(self, parent) -> None:
         parent.failed = True
         self._io.submit(parent.discard)
-
-    def _drop_feeds(self, which) -> None:
-        """Stop reading these jobs' inputs (closed on the I/O pool: a read may be running)."""
-        dropped = [feed for feed in self._feeds if which(feed)]
-        self._feeds = [feed for feed in self._feeds if feed not in dropped]
-        for feed in dropped:
-            self._io.submit(feed.feed.close)
 
     def _collect_loads(self) -> None:
         for load in _take_done(self._loads, lambda item: item.future):
@@ -462,7 +426,7 @@ class Worker:
         log.info("job %s: %d parts to do of %d, %d rows each (checkpoint interval %s%s)", parted.job.job_id,
                  feed.parts_left, parted.progress.parts_total, part_rows, self.settings.checkpoint_interval,
                  f" = {tau:.0f}s" if tau else "")
-        self._feeds.append(_Feed(feed))
+        self._feeds.add(feed)
 
     def _feed_inference(self, force: bool) -> None:
         if self._admission.isolating:  # a suspect: alone on the model (see attempts.py)
@@ -574,17 +538,6 @@ class Worker:
 
     # ---- versions --------------------------------------------------------------
 
-    def _run_for(self, batch) -> Callable:
-        """The batch's version's run, under the model retry policy (inference thread)."""
-        model = self._versions.model_for(batch.served)
-        run = self._retrying.get(id(model))
-        if run is None:
-            run = self._retrying[id(model)] = model_retry(model.run)
-        return run
-
-    def _stage_for(self, batch) -> Callable | None:
-        return self._versions.model_for(batch.served).stage
-
     def _compare_when_both_done(self, job: PendingJob) -> None:
         """A shadowed job and its challenger run, both inferred: send how far they agree."""
         primary = job.shadow_of or job
@@ -613,7 +566,7 @@ class Worker:
 
     def _unfinished_parted_jobs(self, in_partitions: set[TopicPartition] | None = None) -> list:
         units = [(u.parent, u.tp) for u in self._inflight if u.parent is not None]
-        units += [(feed.feed.parent, feed.tp) for feed in self._feeds]
+        units += self._feeds.parents()
         parents = {id(p): p for p, tp in units if not p.failed and (in_partitions is None or tp in in_partitions)}
         return [p for p in parents.values() if not p.progress.complete]
 
