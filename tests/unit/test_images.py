@@ -27,6 +27,7 @@ WORKLOADS = {
     "spotbatch-worker-spot": ("cuda", ["worker"]),
     "spotbatch-worker-ondemand": ("cuda", ["worker"]),
     "spotbatch-scaler": ("cpu", ["scaler", "serve", "--port", "9090", "--metrics-port", "9091"]),
+    "spotbatch-rollout-controller": ("cpu", ["rollout", "controller", "--every", "5s"]),
 }
 BUILD_TOOLS = re.compile(r"\b(gcc|g\+\+|clang|make|cmake|build-essential|[\w.+-]+-dev|pip3? install|"
                          r"python -m pip|uv pip|apt-get install [^&]*\bpython3-venv)\b")
