@@ -80,11 +80,6 @@ class Prepared(Sequence[Any]):
             return Prepared(self.values[index], self.items[index], self.lengths[index])
         return self.values[index]
 
-    def take(self, rows: Sequence[int]) -> "Prepared":
-        """The rows at ``rows`` (positions), in that order."""
-        return Prepared([self.values[i] for i in rows], [self.items[i] for i in rows],
-                        self.lengths[np.asarray(rows, dtype=np.intp)])
-
     @staticmethod
     def concat(parts: Sequence["Prepared"]) -> "Prepared":
         if len(parts) == 1:

@@ -96,7 +96,6 @@ class Uploader:
         self._slots: list[dict[str, torch.Tensor]] = [{} for _ in range(max(1, slots))]
         self._events: list[Any] = [None] * len(self._slots)
         self._next = 0
-        self.grown = 0  # buffer (re)allocations: stays flat once batches stop growing
 
     def host_buffer(self, slot: int, name: str, like: torch.Tensor) -> torch.Tensor:
         """A reused host buffer of ``like``'s shape and dtype (a view of a flat one)."""
@@ -104,7 +103,6 @@ class Uploader:
         if flat is None or flat.dtype != like.dtype or flat.numel() < like.numel():
             flat = torch.empty(max(like.numel(), 1), dtype=like.dtype, pin_memory=self.pin)
             self._slots[slot][name] = flat
-            self.grown += 1
         return flat[: like.numel()].view(like.shape)
 
     def upload(self, tensors: Mapping[str, torch.Tensor]) -> Uploaded:

@@ -100,9 +100,6 @@ class InFlight:
     def state_of(self, unit: PendingJob) -> State | None:
         return self._state.get(unit)
 
-    def count(self, state: State) -> int:
-        return sum(1 for s in self._state.values() if s is state)
-
     @property
     def writes_pending(self) -> bool:
         return bool(self._writes)

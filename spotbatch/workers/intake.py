@@ -68,7 +68,7 @@ class Intake:
         handler = self._handler(served)
         if self.needs_io(job):
             return self._feed(job, record, params, epoch, served) or []
-        if lookup and served.wrote(self._sink.metadata_of(output_uri)):  # lookup=False: no owner took it up
+        if lookup and self._written_by(output_uri, served):  # lookup=False: no owner took it up
             return []
         ids, values = self._inline_rows(job, handler)
         self.check_rows(ids, values, handler)
@@ -78,6 +78,13 @@ class Intake:
             unit.shadow = PendingJob(job, record, ids, values, output_uri, params, epoch=epoch, served=shadow,
                                      shadow_of=unit)
         return [unit]
+
+    def _written_by(self, output_uri: str, served: Served) -> bool:
+        """Does the job's output exist, written by what serves it now? A built-in model
+        takes any output as its own: one existence check (a HEAD on S3), no read."""
+        if served.version is None:
+            return self._sink.exists(output_uri)
+        return served.wrote(self._sink.metadata_of(output_uri))
 
     def check_rows(self, ids: list[str], values: list[Any], handler: Any) -> None:
         rows_ok = getattr(handler, "rows_ok", None)

@@ -84,10 +84,11 @@ class ParquetSink:
 
     def metadata_of(self, uri: str) -> dict[str, str] | None:
         """An existing output's Parquet schema metadata (our keys only); None if there is none."""
-        store = self._store_for(uri)
-        if not store.exists(uri):
+        try:
+            data = self._store_for(uri).read_bytes(uri)
+        except FileNotFoundError:
             return None
-        schema = pq.read_schema(pa.BufferReader(store.read_bytes(uri)))
+        schema = pq.read_schema(pa.BufferReader(data))
         return {k.decode(): v.decode() for k, v in (schema.metadata or {}).items() if k.startswith(b"spotbatch.")}
 
     def _store_for(self, uri: str) -> ObjectStore:
